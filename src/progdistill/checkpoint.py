@@ -1,0 +1,205 @@
+"""Run folders and checkpoints: atomic writes, diffusers layout for weights, no pickle for models.
+
+A *model folder* holds `progdistill.json` (the model card: architecture, parameterization,
+schedule, data shape, classes, iteration, provenance) and its weights in diffusers'
+`save_pretrained` layout (`model/`, and `ema/` for teachers). Training states (optimizer, step,
+RNG) live in `state/` and are loaded with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from .denoiser import Denoiser
+from .errors import UserError
+from .models import ModelConfig, build_network
+from .schedules import Schedule
+
+CARD = "progdistill.json"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+CARD_FORMAT = 1
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically: a temp file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str = "file") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} {path} is corrupt ({e.__class__.__name__}: {e}); delete it or restore a copy") from None
+
+
+def torch_save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def replace_dir_atomic(write_fn, target: Path) -> None:
+    """Build a folder with `write_fn(tmp_dir)`, then swap it in place of `target`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        write_fn(tmp)
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            os.replace(target, old / "x")
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class ModelCard:
+    """What it takes to rebuild and use a model without its training config."""
+
+    model: ModelConfig
+    param: str
+    schedule: Schedule
+    data: dict                   # spec, kind ("image"/"vector"), shape, num_classes, class_names
+    iteration: int = 0
+    kind: str = "teacher"        # "teacher" or "student"
+    steps: int | None = None     # sampling steps a student was distilled for
+    weights: str = "ema"         # sub-folder used for sampling: "ema" or "model"
+    provenance: dict | None = None
+
+    @property
+    def clip(self) -> bool:
+        """x_pred is clipped to [-1, 1] when sampling images, never for vectors."""
+        return self.data.get("kind") == "image"
+
+    def to_dict(self) -> dict:
+        return {"format": CARD_FORMAT, "model": self.model.to_dict(), "param": self.param,
+                "schedule": self.schedule.to_dict(), "data": self.data, "iteration": self.iteration,
+                "kind": self.kind, "steps": self.steps, "weights": self.weights, "provenance": self.provenance or {}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelCard":
+        return cls(model=ModelConfig.from_dict(d["model"]), param=d["param"], schedule=Schedule.from_dict(d["schedule"]),
+                   data=d["data"], iteration=d.get("iteration", 0), kind=d.get("kind", "teacher"),
+                   steps=d.get("steps"), weights=d.get("weights", "ema"), provenance=d.get("provenance"))
+
+
+def save_model_folder(folder: Path, card: ModelCard, weights: dict[str, torch.nn.Module]) -> None:
+    """Write each network (`{"model": net, "ema": ema_net}`) in diffusers layout, then the card.
+
+    Each weights folder is swapped in atomically and the card goes last, so a reader never sees
+    a card that points at missing weights.
+    """
+    folder = Path(folder)
+    for sub, net in weights.items():
+        replace_dir_atomic(lambda tmp, net=net: net.save_pretrained(tmp, safe_serialization=True), folder / sub)
+    write_json(folder / CARD, card.to_dict())
+
+
+def resolve_model_folder(path: Path) -> Path:
+    """A model folder itself, or a distillation run (-> its latest finished `steps-*` round)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"model {path} not found: pass a training run folder, a distillation run or a steps-NNNN folder")
+    card = read_json(path / CARD, "model card")
+    if card.get("kind") == "distillation":
+        latest = card.get("latest")
+        if not latest:
+            raise UserError(f"distillation run {path} has no finished round yet; resume it with `progdistill distill --resume`")
+        return path / latest
+    return path
+
+
+def load_card(path: Path) -> ModelCard:
+    folder = resolve_model_folder(path)
+    d = read_json(folder / CARD, "model card")
+    try:
+        return ModelCard.from_dict(d)
+    except (KeyError, TypeError) as e:
+        raise UserError(f"model card {folder / CARD} is missing or has a bad field ({e}); it was not written by this progdistill") from None
+
+
+def load_network(folder: Path, card: ModelCard, which: str | None = None) -> torch.nn.Module:
+    """Rebuild the network from the card and load safetensors weights (`which`: model or ema)."""
+    sub = Path(folder) / (which or card.weights)
+    f = sub / WEIGHTS
+    if not f.is_file():
+        raise UserError(f"weights {f} not found; the run may be unfinished: resume it, or point at a finished model")
+    net = build_network(card.model, card.param)
+    try:
+        state = load_file(str(f))
+    except Exception as e:  # safetensors raises several types for truncated or corrupt files
+        raise UserError(f"weights {f} are corrupt ({e}); restore them or re-run training") from None
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"weights {f} do not match the architecture in {Path(folder) / CARD} "
+                        f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+    return net
+
+
+def load_denoiser(path: Path, *, which: str | None = None, device: str | torch.device = "cpu") -> tuple[Denoiser, ModelCard]:
+    """Load any model folder (or distillation run) as an eval-mode Denoiser plus its card."""
+    folder = resolve_model_folder(Path(path))
+    card = load_card(folder)
+    net = load_network(folder, card, which).to(device).eval()
+    return Denoiser(net, schedule=card.schedule, param=card.param), card
+
+
+def list_states(state_dir: Path) -> list[Path]:
+    return sorted(Path(state_dir).glob("state-*.pt"))
+
+
+def rotate_states(state_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` training states (never touches model folders)."""
+    for p in list_states(state_dir)[:-keep] if keep > 0 else []:
+        p.unlink(missing_ok=True)
+
+
+def latest_state(state_dir: Path) -> Path | None:
+    states = list_states(state_dir)
+    return states[-1] if states else None
+
+
+def load_state(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"training state {path} is corrupt ({e.__class__.__name__}); delete it to resume from the previous one") from None
+
+
+def state_name(*parts: int) -> str:
+    return "state-" + "-".join(f"{p:08d}" for p in parts) + ".pt"
+
+
+def steps_folder_name(n: int) -> str:
+    return f"steps-{n:04d}"
+
+
+def parse_steps_folder(name: str) -> int | None:
+    m = re.fullmatch(r"steps-(\d+)", name)
+    return int(m.group(1)) if m else None

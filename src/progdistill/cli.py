@@ -1,0 +1,197 @@
+"""Command line: `progdistill {demo,train,distill,sample,eval,report,presets}`. Parses and calls; no maths here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import UserError
+
+EXAMPLES = {
+    "demo": """examples:
+  progdistill demo                       # digits: teacher, distil 256 -> 1 step, grids, table, report (~10 min)
+  progdistill demo --quick --out runs/q  # a 2-minute smoke run""",
+    "train": """examples:
+  progdistill train --data digits --out runs/teacher
+  progdistill train --data toy:moons --out runs/moons --iters 2000
+  progdistill train --data folder:~/pics --preset cifar10 --out runs/pics --precision bf16
+  torchrun --nproc_per_node=2 -m progdistill.cli train --data digits --out runs/ddp
+  progdistill train --out runs/teacher --resume   # continue exactly where it stopped""",
+    "distill": """examples:
+  progdistill distill --teacher runs/teacher --out runs/distill
+  progdistill distill --teacher runs/teacher --out runs/d4 --final-steps 4 --iters-per-round 500
+  progdistill distill --teacher runs/eps-teacher --out runs/d --student-param v""",
+    "sample": """examples:
+  progdistill sample --model runs/teacher --steps 256 --num 64 --out teacher.png
+  progdistill sample --model runs/distill/steps-0004 --steps 4 --num 64 --out pd4.png --npz pd4.npz
+  progdistill sample --model runs/teacher --steps 64 --sampler ancestral --logvar-frac 0.3 --out anc.png""",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="progdistill", description="Progressive distillation of diffusion models "
+                                "(Salimans & Ho, ICLR 2022).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES.get(name),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    d = add("demo", "the whole method on built-in digits: teacher, distillation, grids, table, report")
+    d.add_argument("--out", default="runs/demo", help="output folder (a finished teacher there is reused)")
+    d.add_argument("--quick", action="store_true", help="tiny budgets (~2 minutes), for smoke tests")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--num-eval", type=int, default=None, help="samples per evaluated sampler")
+
+    t = add("train", "train a teacher (paper Algorithm 1)")
+    t.add_argument("--data", default="digits", help="digits | toy:NAME | folder:PATH | npz:PATH | cifar10:PATH")
+    t.add_argument("--preset", default=None, help="model preset (see `progdistill presets`)")
+    t.add_argument("--out", required=True, help="run folder")
+    t.add_argument("--iters", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--param", choices=["x", "v", "eps", "both"])
+    t.add_argument("--weighting", default="snr_trunc", choices=["const", "snr", "snr_trunc", "snr_plus_one"])
+    t.add_argument("--dropout", type=float)
+    t.add_argument("--ema-decay", type=float)
+    t.add_argument("--warmup", type=int)
+    t.add_argument("--class-cond", action="store_true", help="class-conditional (with a null class for guidance)")
+    t.add_argument("--label-dropout", type=float, default=0.1)
+    t.add_argument("--sample-steps", type=int, default=256, help="DDIM steps for the final sample grid")
+    _common_run_args(t, checkpoint_every=1000)
+
+    s = add("distill", "progressive distillation (paper Algorithm 2) of a trained teacher")
+    s.add_argument("--teacher", required=True, help="teacher run folder (its EMA weights are used)")
+    s.add_argument("--out", required=True, help="distillation run folder")
+    s.add_argument("--data", default=None, help="data to draw x from (default: the teacher's)")
+    s.add_argument("--start-steps", type=int, help="N0, the teacher's DDIM steps (power of two)")
+    s.add_argument("--final-steps", type=int, default=1, help="N1 (power of two, < N0)")
+    s.add_argument("--iters-per-round", type=int)
+    s.add_argument("--last-rounds-factor", type=float, default=1.0, help="train the last two rounds F x longer")
+    s.add_argument("--lr", type=float)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--weighting", default="snr_trunc", choices=["const", "snr", "snr_trunc", "snr_plus_one"])
+    s.add_argument("--student-param", choices=["v", "x", "both"])
+    s.add_argument("--student-ema", type=float, default=0.0, help=argparse.SUPPRESS)
+    _common_run_args(s, checkpoint_every=200)
+
+    m = add("sample", "sample from a teacher run or a distilled model")
+    m.add_argument("--model", required=True, help="run folder, distillation run (latest round) or steps-NNNN")
+    m.add_argument("--steps", type=int, default=None, help="sampling steps (default: what the model was distilled for)")
+    m.add_argument("--num", type=int, default=64)
+    m.add_argument("--out", default=None, help="PNG grid (images) or scatter plot (vectors)")
+    m.add_argument("--npz", default=None, help="also save samples as .npz (uint8 images / float vectors)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--sampler", default="ddim", choices=["ddim", "ancestral", "dpmpp2m"])
+    m.add_argument("--logvar-frac", type=float, default=0.0, help="ancestral: 0 fixed_small .. 1 fixed_large")
+    m.add_argument("--class", dest="class_label", type=int, default=None)
+    m.add_argument("--batch-size", type=int, default=500)
+
+    sub.add_parser("presets", help="list model presets with their parameter counts")
+
+    try:
+        from .evaluate import add_eval_parser
+        from .report import add_report_parser
+        add_eval_parser(sub)
+        add_report_parser(sub)
+    except ImportError:  # evaluation modules are optional until installed
+        pass
+    return p
+
+
+def _common_run_args(p: argparse.ArgumentParser, checkpoint_every: int) -> None:
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--checkpoint-every", type=int, default=checkpoint_every)
+    p.add_argument("--keep-last", type=int, default=3, help="training states kept (model folders are never deleted)")
+    p.add_argument("--time-limit", type=float, default=None, help="minutes; saves and exits cleanly, ready to --resume")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--log-every", type=int, default=25, help="steps between metrics lines in metrics.jsonl")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_train(a) -> None:
+    from .config import TrainConfig
+    from .teacher import train
+    cfg = TrainConfig(data=a.data, preset=a.preset, iters=a.iters, batch_size=a.batch_size, lr=a.lr, param=a.param,
+                      weighting=a.weighting, dropout=a.dropout, ema_decay=a.ema_decay, warmup=a.warmup,
+                      class_cond=a.class_cond, label_dropout=a.label_dropout, seed=a.seed, precision=a.precision,
+                      grad_accum=a.grad_accum, checkpoint_every=a.checkpoint_every, keep_last=a.keep_last,
+                      time_limit=a.time_limit, log_every=a.log_every)
+    out = train(cfg, a.out, resume=a.resume, progress=not a.no_progress)
+    from .training import init_distributed
+    if init_distributed().is_main and (Path(out) / "ema").is_dir():
+        from .images import save_samples
+        from .pipeline import load
+        model = load(out)
+        x = model.sample(num=100, steps=a.sample_steps, seed=a.seed, progress=not a.no_progress)
+        path = save_samples(x, Path(out) / f"samples-ddim{a.sample_steps}.png", title=f"teacher, DDIM {a.sample_steps}",
+                            nrow=10)
+        print(f"wrote {path}")
+
+
+def cmd_distill(a) -> None:
+    from .config import DistillConfig
+    from .distill import distill
+    cfg = DistillConfig(teacher=a.teacher, data=a.data, start_steps=a.start_steps, final_steps=a.final_steps,
+                        iters_per_round=a.iters_per_round, last_rounds_factor=a.last_rounds_factor, lr=a.lr,
+                        batch_size=a.batch_size, weighting=a.weighting, student_param=a.student_param,
+                        ema_decay=a.student_ema, seed=a.seed, precision=a.precision, grad_accum=a.grad_accum,
+                        checkpoint_every=a.checkpoint_every, keep_last=a.keep_last, time_limit=a.time_limit,
+                        log_every=a.log_every)
+    out = distill(cfg, a.out, resume=a.resume, progress=not a.no_progress)
+    print(f"distillation run: {out}")
+
+
+def cmd_sample(a) -> None:
+    import numpy as np
+    from .images import save_samples, to_uint8
+    from .pipeline import load
+    model = load(a.model)
+    x = model.sample(num=a.num, steps=a.steps, seed=a.seed, sampler=a.sampler, logvar_frac=a.logvar_frac,
+                     class_label=a.class_label, batch_size=a.batch_size, progress=True)
+    if a.out:
+        print(f"wrote {save_samples(x, Path(a.out), title=f'{a.sampler} {a.steps or model.card.steps}')}")
+    if a.npz:
+        arr = to_uint8(x) if x.dim() == 4 else x.numpy()
+        np.savez_compressed(a.npz, x=arr)
+        print(f"wrote {a.npz} ({arr.shape})")
+    if not a.out and not a.npz:
+        raise UserError("nothing to write: pass --out grid.png and/or --npz samples.npz")
+
+
+def cmd_presets(a) -> None:
+    from .models import PRESETS, build_network, count_parameters
+    print(f"{'preset':<11} {'params':>12}  {'data':<12} {'batch':>5} {'lr':>7} {'N0':>5}  description")
+    for name, p in PRESETS.items():
+        n = count_parameters(build_network(p.model, p.param))
+        shape = f"{p.model.channels}x{p.model.resolution}x{p.model.resolution}" if p.model.kind == "unet" else "vectors"
+        print(f"{name:<11} {n:>12,}  {shape:<12} {p.batch_size:>5} {p.lr:>7.0e} {p.distill_start_steps:>5}  {p.description}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    handlers = {"train": cmd_train, "distill": cmd_distill, "sample": cmd_sample, "presets": cmd_presets}
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+            run_demo(out=Path(args.out), quick=args.quick, seed=args.seed, num_eval=args.num_eval)
+        elif args.command in handlers:
+            handlers[args.command](args)
+        else:
+            args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

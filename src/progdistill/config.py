@@ -1,0 +1,133 @@
+"""Typed, validated run configs; resolved against the preset and saved with every run."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import UserError
+from .losses import check_weighting
+from .parameterization import check_param
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def _check_common(cfg) -> None:
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    for name in ("batch_size", "grad_accum", "checkpoint_every", "keep_last", "log_every"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise UserError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.time_limit is not None and not cfg.time_limit > 0:
+        raise UserError(f"--time-limit must be a positive number of minutes, got {cfg.time_limit}")
+    if cfg.grad_clip is not None and not cfg.grad_clip > 0:
+        raise UserError(f"gradient clipping norm must be positive, got {cfg.grad_clip}")
+
+
+@dataclass
+class TrainConfig:
+    """Teacher training (Algorithm 1). None fields are filled from the preset by `resolve`."""
+
+    data: str = "digits"
+    preset: str | None = None
+    iters: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup: int | None = None
+    ema_decay: float | None = None
+    ema_warmup: bool = True          # decay min(ema_decay, (1 + n) / (10 + n)): lets short runs' EMA move
+    grad_clip: float | None = 1.0
+    dropout: float | None = None
+    param: str | None = None
+    weighting: str = "snr_trunc"
+    class_cond: bool = False
+    label_dropout: float = 0.1
+    hflip: bool | None = None
+    seed: int = 0
+    precision: str = "fp32"
+    grad_accum: int = 1
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    time_limit: float | None = None  # minutes
+    log_every: int = 25
+    schedule: dict = field(default_factory=lambda: {"kind": "cosine", "logsnr_min": -20.0, "logsnr_max": 20.0})
+
+    def validate(self) -> "TrainConfig":
+        _check_common(self)
+        check_weighting(self.weighting)
+        if self.param is not None:
+            check_param(self.param)
+        if self.iters is not None and (not isinstance(self.iters, int) or self.iters < 1):
+            raise UserError(f"--iters must be a positive integer, got {self.iters!r}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise UserError(f"label dropout must lie in [0, 1), got {self.label_dropout}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"EMA decay must lie in [0, 1), got {self.ema_decay}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must lie in [0, 1), got {self.dropout}")
+        return self
+
+
+@dataclass
+class DistillConfig:
+    """Progressive distillation (Algorithm 2). None fields come from the teacher's preset."""
+
+    teacher: str = ""
+    data: str | None = None
+    start_steps: int | None = None
+    final_steps: int = 1
+    iters_per_round: int | None = None
+    last_rounds_factor: float = 1.0
+    lr: float | None = None
+    batch_size: int | None = None
+    weighting: str = "snr_trunc"
+    student_param: str | None = None
+    ema_decay: float = 0.0           # released configs: no student EMA
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    precision: str = "fp32"
+    grad_accum: int = 1
+    checkpoint_every: int = 200
+    keep_last: int = 3
+    time_limit: float | None = None
+    log_every: int = 25
+
+    def validate(self) -> "DistillConfig":
+        _check_common(self)
+        check_weighting(self.weighting)
+        if self.student_param is not None:
+            check_param(self.student_param)
+        for name in ("start_steps", "final_steps"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1 or v & (v - 1)):
+                raise UserError(f"--{name.replace('_', '-')} must be a power of two (1, 2, 4, ...), got {v!r}")
+        if self.start_steps is not None and not self.final_steps < self.start_steps:
+            raise UserError(f"--final-steps ({self.final_steps}) must be smaller than --start-steps ({self.start_steps})")
+        if self.iters_per_round is not None and (not isinstance(self.iters_per_round, int) or self.iters_per_round < 1):
+            raise UserError(f"--iters-per-round must be a positive integer, got {self.iters_per_round!r}")
+        if not self.last_rounds_factor > 0:
+            raise UserError(f"--last-rounds-factor must be positive, got {self.last_rounds_factor}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"student EMA decay must lie in [0, 1), got {self.ema_decay}")
+        return self
+
+
+def to_dict(cfg) -> dict:
+    return asdict(cfg)
+
+
+def from_dict(cls, d: dict):
+    """Build a config from JSON, rejecting unknown keys with a clear message."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise UserError(f"unknown {cls.__name__} keys {unknown}: this config was written by another version")
+    return cls(**d).validate()
+
+
+def replace(cfg, **changes):
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,41 @@
+"""The thin wrapper between a raw network and the diffusion maths.
+
+`Denoiser(z_t, logsnr_t, class_labels) -> x_pred`: maps logSNR to the network's time input
+tau = T t(lambda) - 1 (method.md §8) and turns the raw output into x_pred for the
+parameterization (method.md §2). The network never sees the schedule.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .parameterization import check_param, eps_from_x, x_pred_from_output
+from .schedules import Schedule, alpha_sigma
+
+
+class Denoiser(nn.Module):
+    def __init__(self, net: nn.Module, *, schedule: Schedule, param: str):
+        super().__init__()
+        self.net = net
+        self.schedule = schedule
+        self.param = check_param(param)
+
+    def raw_output(self, z_t: torch.Tensor, logsnr_t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        tau = self.schedule.time_input(logsnr_t).to(z_t.device)
+        out = self.net(z_t, tau, class_labels=class_labels)
+        return out.sample if hasattr(out, "sample") else out
+
+    def forward(self, z_t: torch.Tensor, logsnr_t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x_pred(z_t) per the parameterization; computed in float32 even under autocast."""
+        logsnr_t = torch.as_tensor(logsnr_t, device=z_t.device).expand(z_t.shape[0])
+        out = self.raw_output(z_t, logsnr_t, class_labels).float()
+        alpha, sigma = alpha_sigma(logsnr_t.float().reshape(-1, *([1] * (z_t.dim() - 1))))
+        return x_pred_from_output(self.param, out, z_t.float(), alpha, sigma)
+
+    def eps_pred(self, z_t: torch.Tensor, logsnr_t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """eps_pred = (z_t - alpha_t x_pred) / sigma_t."""
+        x_pred = self(z_t, logsnr_t, class_labels)
+        logsnr_t = torch.as_tensor(logsnr_t, device=z_t.device).expand(z_t.shape[0])
+        alpha, sigma = alpha_sigma(logsnr_t.float().reshape(-1, *([1] * (z_t.dim() - 1))))
+        return eps_from_x(z_t, x_pred, alpha, sigma)

@@ -1,0 +1,255 @@
+"""Progressive distillation: paper Algorithm 2, round by round (method.md §6).
+
+The target is a pure function (`two_teacher_steps`, `x_target`, `distillation_target`); the round
+loop is explicit: copy the teacher, fresh optimizer, train, save `steps-NNNN/`, promote. The round
+and N live in the checkpoint, never in step arithmetic.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import __version__
+from .checkpoint import (CARD, ModelCard, latest_state, load_denoiser, load_state, read_json, rotate_states,
+                         save_model_folder, state_name, steps_folder_name, torch_save_atomic, write_json)
+from .config import DistillConfig, from_dict, to_dict
+from .data import Dataset, load_data
+from .denoiser import Denoiser
+from .errors import UserError
+from .losses import weighted_x_loss
+from .models import build_network, get_preset
+from .sampling import ddim_step
+from .schedules import Schedule, alpha_sigma
+from .training import (MetricsLog, generator_for, init_distributed, local_slice, lr_linear_decay, optimize,
+                       rng_state, seed_for, set_rng_state)
+
+
+def _b(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def x_target(z_t: torch.Tensor, z_t2: torch.Tensor, *, logsnr_t: torch.Tensor, logsnr_t2: torch.Tensor) -> torch.Tensor:
+    """x~ = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t): one DDIM step from t lands on z_t''."""
+    alpha_t, sigma_t = alpha_sigma(_b(logsnr_t, z_t))
+    alpha_t2, sigma_t2 = alpha_sigma(_b(logsnr_t2, z_t))
+    ratio = sigma_t2 / sigma_t
+    return (z_t2 - ratio * z_t) / (alpha_t2 - ratio * alpha_t)
+
+
+@torch.no_grad()
+def two_teacher_steps(teacher, z_t: torch.Tensor, *, logsnr_t: torch.Tensor, logsnr_t1: torch.Tensor,
+                      logsnr_t2: torch.Tensor, class_labels: torch.Tensor | None = None):
+    """Two unclipped teacher DDIM steps t -> t' -> t''; returns (z_t'', x_eta(z_t'))."""
+    x_1 = teacher(z_t, logsnr_t, class_labels)
+    z_t1 = ddim_step(z_t, x_1, logsnr_t=logsnr_t, logsnr_s=logsnr_t1)
+    x_2 = teacher(z_t1, logsnr_t1, class_labels)
+    z_t2 = ddim_step(z_t1, x_2, logsnr_t=logsnr_t1, logsnr_s=logsnr_t2)
+    return z_t2, x_2
+
+
+@torch.no_grad()
+def distillation_target(teacher, z_t: torch.Tensor, *, i: torch.Tensor, num_steps: int, schedule: Schedule,
+                        class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """x~ for a student taking `num_steps` (N) steps at t = i/N, from teacher steps t' = t - 0.5/N, t'' = t - 1/N.
+
+    At i = 1 (t'' = 0) the target is the teacher's second x prediction, as in the released code.
+    """
+    t = i.double() / num_steps
+    logsnr_t = schedule.logsnr(t).float()
+    logsnr_t1 = schedule.logsnr(t - 0.5 / num_steps).float()
+    logsnr_t2 = schedule.logsnr(t - 1.0 / num_steps).float()
+    z_t2, x_2 = two_teacher_steps(teacher, z_t, logsnr_t=logsnr_t, logsnr_t1=logsnr_t1, logsnr_t2=logsnr_t2,
+                                  class_labels=class_labels)
+    target = x_target(z_t, z_t2, logsnr_t=logsnr_t, logsnr_t2=logsnr_t2)
+    return torch.where(_b(i == 1, z_t), x_2, target)
+
+
+def student_param_for(teacher_param: str, requested: str | None) -> str:
+    """Default: the teacher's parameterization, except eps (cannot predict at alpha ~ 0) -> v."""
+    if requested is not None:
+        if requested == "eps":
+            raise UserError("an eps student cannot make few-step predictions (alpha_1 ~ 0): use v, x or both")
+        return requested
+    return "v" if teacher_param == "eps" else teacher_param
+
+
+def init_student(teacher_net: nn.Module, card: ModelCard, student_param: str) -> nn.Module:
+    """A copy of the teacher (dropout 0). Across a parameterization switch with other output channels,
+    every tensor but the output layer is copied (the paper's eps -> v remedy keeps channels equal)."""
+    cfg = dataclasses.replace(card.model, dropout=0.0)
+    student = build_network(cfg, student_param)
+    src = teacher_net.state_dict()
+    own = student.state_dict()
+    compatible = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+    student.load_state_dict({**own, **compatible})
+    return student
+
+
+def plan_rounds(start_steps: int, final_steps: int, iters_per_round: int, last_rounds_factor: float) -> list[dict]:
+    """One entry per halving: the student's step count N and its iterations (last two rounds x F)."""
+    rounds, n = [], start_steps
+    while n > final_steps:
+        n //= 2
+        rounds.append({"steps": n, "iters": iters_per_round})
+    for r in rounds[-2:]:
+        r["iters"] = int(round(iters_per_round * last_rounds_factor))
+    return rounds
+
+
+def resolve_config(cfg: DistillConfig, teacher_card: ModelCard, teacher_run: Path) -> DistillConfig:
+    preset = get_preset((teacher_card.provenance or {}).get("preset", "digits" if teacher_card.model.kind == "unet" else "mlp"))
+    batch = preset.batch_size
+    if (teacher_run / "config.json").is_file():
+        batch = read_json(teacher_run / "config.json").get("batch_size") or batch
+    fill = dict(start_steps=preset.distill_start_steps, iters_per_round=preset.distill_iters_per_round,
+                lr=preset.distill_lr, batch_size=batch, data=teacher_card.data["spec"])
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in fill.items() if getattr(cfg, k) is None})
+    return cfg.validate()
+
+
+def distill_batch(data: Dataset, *, seed: int, round_idx: int, step: int, batch_size: int, num_steps: int,
+                  device: torch.device) -> dict:
+    """The global batch of one step, a function of (seed, round, step): x, y, i ~ U{1..N}, eps."""
+    g = generator_for(torch.device("cpu"), seed, 1_000_000 + round_idx, step)
+    idx = torch.randint(len(data), (batch_size,), generator=g)
+    i = torch.randint(1, num_steps + 1, (batch_size,), generator=g)
+    eps = torch.randn((batch_size, *data.shape), generator=g)
+    y = data.y[idx].to(device) if data.y is not None else None
+    return {"x": data.x[idx].to(device), "y": y, "i": i.to(device), "eps": eps.to(device)}
+
+
+def distillation_loss(student, teacher, batch: dict, sl: slice, *, num_steps: int, schedule: Schedule,
+                      weighting: str, class_cond: bool) -> torch.Tensor:
+    """L = w(lambda_t) ||x~ - x_theta(z_t)||^2, with z_t = alpha_t x + sigma_t eps at t = i/N (Algorithm 2)."""
+    x, i, eps = batch["x"][sl], batch["i"][sl], batch["eps"][sl]
+    y = batch["y"][sl] if class_cond else None
+    logsnr_t = schedule.logsnr(i.double() / num_steps).float()
+    alpha, sigma = alpha_sigma(_b(logsnr_t, x))
+    z_t = alpha * x + sigma * eps
+    with torch.autocast(device_type=z_t.device.type, enabled=False):
+        target = distillation_target(teacher, z_t.float(), i=i, num_steps=num_steps, schedule=schedule, class_labels=y)
+    x_pred = student(z_t, logsnr_t, y)
+    return weighted_x_loss(target, x_pred, logsnr_t, weighting).mean()
+
+
+def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
+    """Distil `cfg.teacher` from N0 down to N1 steps into run folder `out` (one `steps-NNNN/` per round)."""
+    out = Path(out)
+    dist_info = init_distributed()
+    if resume:
+        if not (out / "config.json").is_file():
+            raise UserError(f"--resume: {out} has no config.json; start a new distillation without --resume")
+        saved = from_dict(DistillConfig, read_json(out / "config.json", "run config"))
+        cfg = dataclasses.replace(saved, time_limit=cfg.time_limit)
+    elif (out / "config.json").exists():
+        raise UserError(f"{out} already holds a distillation run: pass --resume, or choose another --out")
+    cfg.validate()
+    teacher_run = Path(cfg.teacher)
+    teacher0, card0 = load_denoiser(teacher_run, device=dist_info.device)
+    cfg = resolve_config(cfg, card0, teacher_run)
+    student_param = student_param_for(card0.param, cfg.student_param)
+    class_cond = card0.model.num_classes > 0
+    shape = tuple(card0.data["shape"])
+    res = ch = None
+    if card0.data["kind"] == "image" and not (cfg.data == "digits" or cfg.data.startswith("toy:")):
+        ch, res = shape[0], shape[1]
+    data = load_data(cfg.data, split="train", resolution=res, channels=ch, seed=cfg.seed)
+    if tuple(data.shape) != shape:
+        raise UserError(f"--data {cfg.data} has shape {tuple(data.shape)} but the teacher was trained on {shape}")
+    data.x = data.x.to(dist_info.device)
+    rounds = plan_rounds(cfg.start_steps, cfg.final_steps, cfg.iters_per_round, cfg.last_rounds_factor)
+
+    run_card = {"kind": "distillation", "teacher": str(teacher_run.resolve()), "start_steps": cfg.start_steps,
+                "final_steps": cfg.final_steps, "student_param": student_param, "rounds": [], "latest": None,
+                "progdistill": __version__}
+    if (out / CARD).is_file() and resume:
+        run_card = read_json(out / CARD, "distillation card")
+    state_path = latest_state(out / "state") if resume else None
+    st = load_state(state_path) if state_path is not None else None
+    first_round = len(run_card["rounds"]) if st is None else int(st["round"])
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", to_dict(cfg))
+        write_json(out / CARD, run_card)
+        print(f"distill: {cfg.start_steps} -> {cfg.final_steps} steps in {len(rounds)} rounds, "
+              f"{cfg.iters_per_round} iters/round, batch {cfg.batch_size}, lr {cfg.lr}, student param {student_param}")
+    metrics = MetricsLog(out / "metrics.jsonl", dist_info.is_main)
+    deadline = time.time() + 60 * cfg.time_limit if cfg.time_limit else None
+    torch.manual_seed(seed_for(cfg.seed, 20_000 + dist_info.rank))
+
+    for r in range(first_round, len(rounds)):
+        n_student, iters = rounds[r]["steps"], rounds[r]["iters"]
+        # Teacher of this round: the original teacher's EMA weights, or the previous round's student.
+        if r == 0:
+            teacher, t_card = teacher0, card0
+        else:
+            teacher, t_card = load_denoiser(out / steps_folder_name(rounds[r - 1]["steps"]), device=dist_info.device)
+        teacher.eval().requires_grad_(False)
+        student_net = init_student(teacher.net, t_card, student_param).to(dist_info.device)
+        optimizer = torch.optim.AdamW(student_net.parameters(), lr=cfg.lr, weight_decay=0.0)   # fresh each round
+        start = 0
+        if st is not None and int(st["round"]) == r:
+            student_net.load_state_dict(st["net"])
+            optimizer.load_state_dict(st["optimizer"])
+            set_rng_state(st["rng"][min(dist_info.rank, len(st["rng"]) - 1)])
+            start = int(st["step"])
+        student = Denoiser(student_net, schedule=card0.schedule, param=student_param)
+        model = DistributedDataParallel(student) if dist_info.enabled else student
+        cache: dict = {}
+
+        def loss_fn(step: int, micro: int, r=r, n_student=n_student, model=model, teacher=teacher) -> torch.Tensor:
+            if cache.get("key") != (r, step):
+                cache.update(key=(r, step), batch=distill_batch(data, seed=cfg.seed, round_idx=r, step=step,
+                                                               batch_size=cfg.batch_size, num_steps=n_student,
+                                                               device=dist_info.device))
+            sl = local_slice(cfg.batch_size, dist_info, cfg.grad_accum, micro)
+            return distillation_loss(model, teacher, cache["batch"], sl, num_steps=n_student,
+                                     schedule=card0.schedule, weighting=cfg.weighting, class_cond=class_cond)
+
+        def save_fn(step: int, r=r, student_net=student_net, optimizer=optimizer) -> None:
+            rngs = [rng_state()]
+            if dist_info.enabled:
+                gathered = [None] * dist_info.world
+                torch.distributed.all_gather_object(gathered, rngs[0])
+                rngs = gathered
+            if dist_info.is_main:
+                torch_save_atomic({"round": r, "step": step, "net": student_net.state_dict(),
+                                   "optimizer": optimizer.state_dict(), "rng": rngs},
+                                  out / "state" / state_name(r, step))
+                rotate_states(out / "state", cfg.keep_last)
+
+        desc = f"round {r + 1}/{len(rounds)} N={n_student}"
+        result = optimize(model=model, params=list(student_net.parameters()), optimizer=optimizer, loss_fn=loss_fn,
+                          lr_fn=lr_linear_decay(cfg.lr, iters), start_step=start, iters=iters,
+                          grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip, precision=cfg.precision,
+                          dist_info=dist_info, save_fn=save_fn, checkpoint_every=cfg.checkpoint_every,
+                          deadline=deadline, metrics=metrics, log_every=cfg.log_every, desc=desc, progress=progress,
+                          extra_log={"round": r, "steps": n_student})
+        st = None
+        if not result.finished:
+            if dist_info.is_main:
+                print(f"time limit reached in round {r + 1} at step {result.step}/{iters}; continue with --resume")
+            return out
+        if dist_info.is_main:   # promote: the student becomes a complete model and the next teacher
+            card = ModelCard(model=dataclasses.replace(t_card.model, dropout=0.0), param=student_param,
+                             schedule=card0.schedule, data=card0.data, iteration=iters, kind="student",
+                             steps=n_student, weights="model",
+                             provenance={"progdistill": __version__, "teacher": str(teacher_run.resolve()),
+                                         "round": r, "teacher_steps": 2 * n_student, "seed": cfg.seed,
+                                         "preset": (card0.provenance or {}).get("preset")})
+            save_model_folder(out / steps_folder_name(n_student), card, {"model": student_net})
+            prev_seconds = sum(x.get("seconds", 0.0) for x in run_card["rounds"] if x["round"] == r)
+            run_card["rounds"] = [x for x in run_card["rounds"] if x["round"] != r] + [
+                {"round": r, "steps": n_student, "iters": iters, "seconds": prev_seconds + result.seconds}]
+            run_card["latest"] = steps_folder_name(n_student)
+            write_json(out / CARD, run_card)
+        if dist_info.enabled:
+            torch.distributed.barrier()
+    return out

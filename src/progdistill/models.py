@@ -1,0 +1,185 @@
+"""Networks and their named presets. The network never sees the schedule (see denoiser.py).
+
+Images use diffusers' `UNet2DModel`; vectors a small MLP with the same call interface
+`net(sample, timestep, class_labels=...)`. Both save with diffusers' `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from diffusers import ModelMixin, UNet2DModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from torch import nn
+
+from .errors import UserError
+from .parameterization import output_channels
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one network; `num_classes` > 0 adds class embeddings plus one null class."""
+
+    kind: str = "unet"                      # "unet" (images) or "mlp" (vectors)
+    resolution: int = 8                     # image side (unet) — ignored for mlp
+    channels: int = 1                       # image channels, or vector dimension for mlp
+    block_out_channels: tuple[int, ...] = (32, 32, 64)
+    layers_per_block: int = 1
+    attention_resolutions: tuple[int, ...] = (4,)
+    attention_head_dim: int | None = None   # None: one head per attention layer
+    norm_num_groups: int = 32
+    resample: str = "conv"                  # "conv" or "resnet" (res-block up/down-sampling)
+    dropout: float = 0.0
+    num_classes: int = 0
+    hidden: int = 256                       # mlp width
+    depth: int = 4                          # mlp hidden layers
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        for k in ("block_out_channels", "attention_resolutions"):
+            if k in d and d[k] is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model plus the training defaults that go with it (method.md §5, §6)."""
+
+    name: str
+    model: ModelConfig
+    hflip: bool
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup: int
+    ema_decay: float
+    iters: int
+    param: str
+    distill_lr: float
+    distill_start_steps: int
+    distill_iters_per_round: int
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    "digits": Preset(
+        "digits", ModelConfig(resolution=8, channels=1, block_out_channels=(32, 32, 64), layers_per_block=1,
+                              attention_resolutions=(4,), dropout=0.0),
+        hflip=False, batch_size=128, lr=1e-3, weight_decay=0.0, warmup=100, ema_decay=0.999, iters=2000,
+        param="x", distill_lr=3e-4, distill_start_steps=256, distill_iters_per_round=400,
+        description="8x8x1 built-in digits; trains on 2 CPU cores in minutes"),
+    "cifar10": Preset(
+        "cifar10", ModelConfig(resolution=32, channels=3, block_out_channels=(256, 256, 256), layers_per_block=3,
+                               attention_resolutions=(16, 8), resample="resnet", dropout=0.2),
+        hflip=True, batch_size=128, lr=2e-4, weight_decay=1e-3, warmup=1000, ema_decay=0.9999, iters=800_000,
+        param="x", distill_lr=5e-5, distill_start_steps=8192, distill_iters_per_round=50_000,
+        description="released CIFAR-10 config (paper Table 1 best: x output, truncated SNR)"),
+    "imagenet64": Preset(
+        "imagenet64", ModelConfig(resolution=64, channels=3, block_out_channels=(192, 384, 576, 768),
+                                  layers_per_block=3, attention_resolutions=(32, 16, 8), attention_head_dim=64,
+                                  resample="resnet", dropout=0.1, num_classes=1000),
+        hflip=True, batch_size=2048, lr=3e-4, weight_decay=0.0, warmup=1000, ema_decay=0.9999, iters=800_000,
+        param="both", distill_lr=1e-4, distill_start_steps=1024, distill_iters_per_round=50_000,
+        description="released ImageNet 64x64 class-conditional config"),
+    "lsun128": Preset(
+        "lsun128", ModelConfig(resolution=128, channels=3, block_out_channels=(64, 128, 256, 384, 512),
+                               layers_per_block=3, attention_resolutions=(32, 16, 8), attention_head_dim=64,
+                               resample="resnet", dropout=0.1),
+        hflip=True, batch_size=2048, lr=3e-4, weight_decay=0.0, warmup=1000, ema_decay=0.9999, iters=400_000,
+        param="both", distill_lr=1e-4, distill_start_steps=1024, distill_iters_per_round=50_000,
+        description="released LSUN 128x128 (bedrooms / church) config"),
+    "mlp": Preset(
+        "mlp", ModelConfig(kind="mlp", channels=2, hidden=256, depth=4, block_out_channels=(),
+                           attention_resolutions=()),
+        hflip=False, batch_size=512, lr=1e-3, weight_decay=0.0, warmup=100, ema_decay=0.999, iters=3000,
+        param="v", distill_lr=3e-4, distill_start_steps=256, distill_iters_per_round=500,
+        description="small MLP for 2-D toy data or npz vectors"),
+}
+
+
+def get_preset(name: str | None) -> Preset:
+    if name is None or name not in PRESETS:
+        what = "no --preset given" if name is None else f"unknown preset {name!r}"
+        raise UserError(f"{what}: choose one of {', '.join(PRESETS)} (see `progdistill presets`)")
+    return PRESETS[name]
+
+
+def _timestep_embedding(tau: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of the (fractional) timestep tau, as in DDPM."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=tau.device) / half)
+    args = tau.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class MLPModel(ModelMixin, ConfigMixin):
+    """A residual MLP over vectors, conditioned on the timestep and an optional class embedding."""
+
+    @register_to_config
+    def __init__(self, dim: int = 2, out_dim: int = 2, hidden: int = 256, depth: int = 4,
+                 num_class_embeds: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        self.temb = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.class_embedding = nn.Embedding(num_class_embeds, hidden) if num_class_embeds else None
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                          nn.Dropout(dropout), nn.Linear(hidden, hidden)) for _ in range(depth))
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None):
+        timestep = torch.as_tensor(timestep, device=sample.device).expand(sample.shape[0])
+        emb = self.temb(_timestep_embedding(timestep, self.config.hidden))
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError("class-conditional MLP needs class_labels")
+            emb = emb + self.class_embedding(class_labels)
+        h = self.inp(sample)
+        for block in self.blocks:
+            h = h + block(h + emb)
+        return self.out(h)
+
+
+def _unet_blocks(cfg: ModelConfig) -> tuple[list[str], list[str]]:
+    """Block types per level: attention where the level's resolution is listed."""
+    plain_down = "ResnetDownsampleBlock2D" if cfg.resample == "resnet" else "DownBlock2D"
+    plain_up = "ResnetUpsampleBlock2D" if cfg.resample == "resnet" else "UpBlock2D"
+    res = [cfg.resolution // 2**i for i in range(len(cfg.block_out_channels))]
+    down = ["AttnDownBlock2D" if r in cfg.attention_resolutions else plain_down for r in res]
+    up = ["AttnUpBlock2D" if r in cfg.attention_resolutions else plain_up for r in reversed(res)]
+    return down, up
+
+
+def build_network(cfg: ModelConfig, param: str) -> nn.Module:
+    """The raw network for a model config; output channels follow the parameterization."""
+    out = output_channels(param, cfg.channels)
+    class_embeds = cfg.num_classes + 1 if cfg.num_classes else None   # + the null class for guidance
+    if cfg.kind == "mlp":
+        return MLPModel(dim=cfg.channels, out_dim=out, hidden=cfg.hidden, depth=cfg.depth,
+                        num_class_embeds=class_embeds, dropout=cfg.dropout)
+    if cfg.kind != "unet":
+        raise UserError(f"unknown model kind {cfg.kind!r}: use 'unet' or 'mlp'")
+    down, up = _unet_blocks(cfg)
+    return UNet2DModel(
+        sample_size=cfg.resolution, in_channels=cfg.channels, out_channels=out,
+        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+        down_block_types=tuple(down), up_block_types=tuple(up), downsample_type=cfg.resample,
+        upsample_type=cfg.resample, attention_head_dim=cfg.attention_head_dim, dropout=cfg.dropout,
+        norm_num_groups=cfg.norm_num_groups, resnet_time_scale_shift="scale_shift",
+        num_class_embeds=class_embeds, num_train_timesteps=1024)
+
+
+def with_dropout(cfg: ModelConfig, dropout: float) -> ModelConfig:
+    return replace(cfg, dropout=dropout)
+
+
+def count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())

@@ -1,0 +1,144 @@
+"""Samplers over a time grid built once (method.md §4): DDIM, ancestral, DPM-Solver++(2M).
+
+Every sampler has one signature: `sample_x(denoiser, z_1, *, schedule, num_steps, ...)` where
+`denoiser(z_t, logsnr_t, class_labels) -> x_pred` and z_1 is the initial noise. Randomness is
+passed in: the ancestral sampler takes a `noise(step_index) -> Tensor` callable.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import UserError
+from .parameterization import eps_from_x
+from .schedules import Schedule, alpha_sigma
+
+SAMPLERS = ("ddim", "ancestral", "dpmpp2m")
+
+
+class DenoiserFn(Protocol):
+    def __call__(self, z_t: torch.Tensor, logsnr_t: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor: ...
+
+
+def check_num_steps(num_steps: int) -> int:
+    if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise UserError(f"number of sampling steps must be a positive integer, got {num_steps!r}")
+    return int(num_steps)
+
+
+def time_grid(num_steps: int) -> torch.Tensor:
+    """t_i = i / N for i = N, ..., 0 (float64, descending); samplers walk consecutive pairs."""
+    n = check_num_steps(num_steps)
+    return torch.arange(n, -1, -1, dtype=torch.float64) / n
+
+
+def halve_grid(grid: torch.Tensor) -> torch.Tensor:
+    """The N/2-step grid: every other point of the N-step grid."""
+    return grid[::2]
+
+
+def _bcast(v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """A scalar or (B,) tensor reshaped to broadcast against z (B, ...)."""
+    v = torch.as_tensor(v, dtype=z.dtype, device=z.device)
+    return v.reshape(-1, *([1] * (z.dim() - 1))) if v.dim() else v
+
+
+def ddim_step(z_t: torch.Tensor, x_pred: torch.Tensor, *, logsnr_t: torch.Tensor, logsnr_s: torch.Tensor) -> torch.Tensor:
+    """z_s = alpha_s x_pred + sigma_s (z_t - alpha_t x_pred) / sigma_t (deterministic DDIM)."""
+    alpha_t, sigma_t = alpha_sigma(_bcast(logsnr_t, z_t))
+    alpha_s, sigma_s = alpha_sigma(_bcast(logsnr_s, z_t))
+    return alpha_s * x_pred + sigma_s * eps_from_x(z_t, x_pred, alpha_t, sigma_t)
+
+
+def ancestral_step(z_t: torch.Tensor, x_pred: torch.Tensor, noise: torch.Tensor, *, logsnr_t: torch.Tensor,
+                   logsnr_s: torch.Tensor, logvar_frac: float) -> torch.Tensor:
+    """z_s ~ q(z_s | z_t, x = x_pred): mean r (alpha_s/alpha_t) z_t + (1 - r) alpha_s x_pred, r = e^{lambda_t - lambda_s};
+    log-variance interpolated: frac * log((1-r) sigma_t^2) + (1 - frac) * log((1-r) sigma_s^2)."""
+    lt, ls = _bcast(logsnr_t, z_t), _bcast(logsnr_s, z_t)
+    alpha_t, sigma_t = alpha_sigma(lt)
+    alpha_s, sigma_s = alpha_sigma(ls)
+    r = torch.exp(lt - ls)
+    mean = r * (alpha_s / alpha_t) * z_t + (1.0 - r) * alpha_s * x_pred
+    log_small = torch.log1p(-r) + 2.0 * torch.log(sigma_s)
+    log_large = torch.log1p(-r) + 2.0 * torch.log(sigma_t)
+    logvar = logvar_frac * log_large + (1.0 - logvar_frac) * log_small
+    return mean + torch.exp(0.5 * logvar) * noise
+
+
+def _predict(denoiser: DenoiserFn, z: torch.Tensor, logsnr: torch.Tensor, class_labels, clip: bool) -> torch.Tensor:
+    x_pred = denoiser(z, logsnr.to(z.dtype).expand(z.shape[0]).to(z.device), class_labels)
+    return x_pred.clamp(-1.0, 1.0) if clip else x_pred
+
+
+def _pairs(schedule: Schedule, num_steps: int, progress: bool, desc: str):
+    logsnr = schedule.logsnr(time_grid(num_steps))
+    pairs = list(zip(logsnr[:-1], logsnr[1:]))
+    return tqdm(pairs, desc=desc, leave=False, disable=not progress)
+
+
+@torch.no_grad()
+def sample_ddim(denoiser: DenoiserFn, z_1: torch.Tensor, *, schedule: Schedule, num_steps: int,
+                class_labels: torch.Tensor | None = None, clip: bool = True, progress: bool = False) -> torch.Tensor:
+    """N-step deterministic DDIM from t = 1 to 0; the last step returns x_pred (N network calls)."""
+    z = z_1
+    pairs = _pairs(schedule, num_steps, progress, f"DDIM {num_steps}")
+    for i, (logsnr_t, logsnr_s) in enumerate(pairs):
+        x_pred = _predict(denoiser, z, logsnr_t, class_labels, clip)
+        if i == num_steps - 1:
+            return x_pred
+        z = ddim_step(z, x_pred, logsnr_t=logsnr_t, logsnr_s=logsnr_s)
+    return z
+
+
+@torch.no_grad()
+def sample_ancestral(denoiser: DenoiserFn, z_1: torch.Tensor, *, schedule: Schedule, num_steps: int,
+                     noise: Callable[[int], torch.Tensor], logvar_frac: float = 0.0,
+                     class_labels: torch.Tensor | None = None, clip: bool = True,
+                     progress: bool = False) -> torch.Tensor:
+    """N-step ancestral sampler (method.md §4); the last step returns x_pred and adds no noise."""
+    if not 0.0 <= logvar_frac <= 1.0:
+        raise UserError(f"--logvar-frac must lie in [0, 1] (0 = fixed_small, 1 = fixed_large), got {logvar_frac}")
+    z = z_1
+    for i, (logsnr_t, logsnr_s) in enumerate(_pairs(schedule, num_steps, progress, f"ancestral {num_steps}")):
+        x_pred = _predict(denoiser, z, logsnr_t, class_labels, clip)
+        if i == num_steps - 1:
+            return x_pred
+        z = ancestral_step(z, x_pred, noise(i), logsnr_t=logsnr_t, logsnr_s=logsnr_s, logvar_frac=logvar_frac)
+    return z
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser: DenoiserFn, z_1: torch.Tensor, *, schedule: Schedule, num_steps: int,
+                    class_labels: torch.Tensor | None = None, clip: bool = True, lower_order_final: bool = True,
+                    progress: bool = False) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in data prediction over h = (lambda_s - lambda_t) / 2.
+
+    The final point t = 0 is treated as sigma = 0 (diffusers' final_sigmas_type="zero"), so the last
+    step is always first order (h is infinite there; diffusers forces this too) and returns x_pred.
+    `lower_order_final` is kept for compatibility and has no effect on the 2M solver.
+    """
+    z = z_1
+    grid = schedule.logsnr(time_grid(num_steps))
+    x_prev, h_prev = None, None
+    for i in tqdm(range(num_steps), desc=f"DPM-Solver++ {num_steps}", leave=False, disable=not progress):
+        logsnr_t, logsnr_s = grid[i], grid[i + 1]
+        x_pred = _predict(denoiser, z, logsnr_t, class_labels, clip)
+        last = i == num_steps - 1
+        if x_prev is None or last:
+            d = x_pred
+        else:
+            h = 0.5 * (logsnr_s - logsnr_t)
+            r = h_prev / h
+            d = (1.0 + 0.5 / r) * x_pred - (0.5 / r) * x_prev
+        if last:
+            return d
+        alpha_t, sigma_t = alpha_sigma(logsnr_t.to(z.dtype))
+        alpha_s, sigma_s = alpha_sigma(logsnr_s.to(z.dtype))
+        h = 0.5 * (logsnr_s - logsnr_t)
+        z = (sigma_s / sigma_t) * z - alpha_s * torch.expm1(-h).to(z.dtype) * d
+        x_prev, h_prev = x_pred, h
+    return z

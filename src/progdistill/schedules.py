@@ -1,0 +1,140 @@
+"""Variance-preserving noise schedules in continuous time, driven by logSNR (method.md §1).
+
+A schedule maps t in [0, 1] to lambda_t = log(alpha_t^2 / sigma_t^2) and back. Everything else
+(alpha, sigma, SNR, the network's time input) is derived from lambda by pure functions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .errors import UserError
+
+# diffusers-compatible number of training timesteps (method.md §8): tau = T t - 1.
+NUM_TRAIN_TIMESTEPS = 1024
+
+
+def alpha_sigma(logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha_t = sqrt(sigmoid(lambda)), sigma_t = sqrt(sigmoid(-lambda))."""
+    return torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
+
+
+def snr(logsnr: torch.Tensor) -> torch.Tensor:
+    """SNR(t) = exp(lambda_t)."""
+    return torch.exp(logsnr)
+
+
+def logsnr_cosine(t: torch.Tensor, logsnr_min: float = -20.0, logsnr_max: float = 20.0) -> torch.Tensor:
+    """lambda(t) = -2 log tan(a t + b), b = arctan(e^{-lambda_max/2}), a = arctan(e^{-lambda_min/2}) - b."""
+    b = math.atan(math.exp(-0.5 * logsnr_max))
+    a = math.atan(math.exp(-0.5 * logsnr_min)) - b
+    out = -2.0 * torch.log(torch.tan(a * t.to(torch.float64) + b))
+    return out.to(t.dtype) if t.is_floating_point() else out
+
+
+def t_from_logsnr_cosine(logsnr: torch.Tensor, logsnr_min: float = -20.0, logsnr_max: float = 20.0) -> torch.Tensor:
+    """t = (arctan(e^{-lambda/2}) - b) / a, the inverse of `logsnr_cosine`."""
+    b = math.atan(math.exp(-0.5 * logsnr_max))
+    a = math.atan(math.exp(-0.5 * logsnr_min)) - b
+    out = (torch.atan(torch.exp(-0.5 * logsnr.to(torch.float64))) - b) / a
+    return out.to(logsnr.dtype)
+
+
+def abar_from_betas(betas: Sequence[float]) -> torch.Tensor:
+    """abar_j = prod_{k<=j} (1 - beta_k); abar_j belongs to t = (j + 1) / T (method.md §8)."""
+    return torch.cumprod(1.0 - torch.as_tensor(betas, dtype=torch.float64), dim=0)
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation (np.interp) for increasing xp, clamped at the ends."""
+    x = x.clamp(xp[0], xp[-1])
+    idx = torch.searchsorted(xp, x.contiguous()).clamp(1, len(xp) - 1)
+    x0, x1, f0, f1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
+    w = (x - x0) / (x1 - x0)
+    return f0 + w * (f1 - f0)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A logSNR schedule: `cosine` (rescaled, method.md §1) or `discrete` (a beta table)."""
+
+    kind: str = "cosine"
+    logsnr_min: float = -20.0
+    logsnr_max: float = 20.0
+    betas: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("cosine", "discrete"):
+            raise UserError(f"unknown schedule kind {self.kind!r}: use 'cosine' or 'discrete'")
+        if self.kind == "discrete":
+            if not self.betas or len(self.betas) < 2:
+                raise UserError("a discrete schedule needs a table of at least 2 betas")
+            b = torch.as_tensor(self.betas, dtype=torch.float64)
+            if not bool(((b > 0) & (b < 1)).all()):
+                raise UserError("discrete schedule betas must lie in (0, 1)")
+        elif not self.logsnr_min < self.logsnr_max:
+            raise UserError("cosine schedule needs logsnr_min < logsnr_max")
+
+    # Discrete tables: knots t_j = (j + 1) / T with lambda_j = log(abar_j / (1 - abar_j)).
+    def _knots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        abar = abar_from_betas(self.betas)
+        t = torch.arange(1, len(abar) + 1, dtype=torch.float64) / len(abar)
+        return t, torch.log(abar) - torch.log1p(-abar)
+
+    def logsnr(self, t: torch.Tensor) -> torch.Tensor:
+        """lambda_t for t in [0, 1] (discrete tables: linear in t between knots, clamped)."""
+        t = torch.as_tensor(t)
+        dtype = t.dtype if t.is_floating_point() else torch.float32
+        if self.kind == "cosine":
+            return logsnr_cosine(t.to(torch.float64), self.logsnr_min, self.logsnr_max).to(dtype)
+        tk, lk = self._knots()
+        return _interp(t.to(torch.float64), tk, lk).to(dtype)
+
+    def t_from_logsnr(self, logsnr: torch.Tensor) -> torch.Tensor:
+        """The inverse map lambda -> t (discrete tables: clamped to their logSNR range)."""
+        logsnr = torch.as_tensor(logsnr)
+        if self.kind == "cosine":
+            return t_from_logsnr_cosine(logsnr.to(torch.float64), self.logsnr_min, self.logsnr_max).to(logsnr.dtype)
+        tk, lk = self._knots()
+        # lambda decreases in t: interpolate on the reversed (increasing) table.
+        return _interp(logsnr.to(torch.float64), lk.flip(0), tk.flip(0)).to(logsnr.dtype)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """T of the network's time input tau = T t - 1: 1024 for cosine, the table length otherwise."""
+        return NUM_TRAIN_TIMESTEPS if self.kind == "cosine" else len(self.betas)
+
+    def time_input(self, logsnr: torch.Tensor) -> torch.Tensor:
+        """tau = T t(lambda) - 1: the network's time input (method.md §8)."""
+        return self.num_train_timesteps * self.t_from_logsnr(logsnr.to(torch.float64)).float() - 1.0
+
+    def diffusers_betas(self, num_train_timesteps: int | None = None) -> list[float]:
+        """beta_j = 1 - abar((j+1)/T) / abar(j/T), abar(t) = alpha_t^2 (method.md §8)."""
+        T = num_train_timesteps or self.num_train_timesteps
+        t = torch.arange(0, T + 1, dtype=torch.float64) / T
+        abar = torch.sigmoid(self.logsnr(t))
+        return (1.0 - abar[1:] / abar[:-1]).tolist()
+
+    def to_dict(self) -> dict:
+        d = {"kind": self.kind}
+        if self.kind == "cosine":
+            d.update(logsnr_min=self.logsnr_min, logsnr_max=self.logsnr_max)
+        else:
+            d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Schedule":
+        d = dict(d)
+        if d.get("betas") is not None:
+            d["betas"] = tuple(float(b) for b in d["betas"])
+        return cls(**d)
+
+
+def linear_betas(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> tuple[float, ...]:
+    """DDPM's linear beta table (Ho et al. 2020)."""
+    return tuple(torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64).tolist())

@@ -1,0 +1,209 @@
+"""Teacher training: paper Algorithm 1 in continuous time, single process or torchrun DDP."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from . import __version__
+from .checkpoint import (ModelCard, latest_state, load_state, read_json, rotate_states, save_model_folder,
+                         state_name, torch_save_atomic, write_json)
+from .config import TrainConfig, from_dict, to_dict
+from .data import Dataset, load_data, random_hflip
+from .denoiser import Denoiser
+from .errors import UserError
+from .losses import weighted_x_loss
+from .models import ModelConfig, Preset, build_network, count_parameters, get_preset
+from .schedules import Schedule, alpha_sigma
+from .training import (EMA, MetricsLog, init_distributed, generator_for, local_slice, lr_warmup_constant, optimize,
+                       rng_state, seed_for, set_rng_state)
+
+
+def default_preset(data_spec: str) -> str | None:
+    """`digits` for digits, `mlp` for 2-D toy data; elsewhere the preset must be named."""
+    if data_spec == "digits":
+        return "digits"
+    if data_spec.startswith("toy:"):
+        return "mlp"
+    return None
+
+
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    """Fill unset fields from the preset (method.md §5 defaults)."""
+    preset_name = cfg.preset or default_preset(cfg.data)
+    if preset_name is None and cfg.data.startswith("npz:"):
+        preset_name = None  # decided once the data's kind is known (vectors -> mlp)
+    p = get_preset(preset_name) if preset_name else None
+    fill = {}
+    if p is not None:
+        fill = dict(preset=p.name, iters=p.iters, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
+                    warmup=p.warmup, ema_decay=p.ema_decay, dropout=p.model.dropout, param=p.param, hflip=p.hflip)
+    changes = {k: v for k, v in fill.items() if getattr(cfg, k) is None}
+    return dataclasses.replace(cfg, **changes).validate()
+
+
+def model_config_for(preset: Preset, data: Dataset, cfg: TrainConfig) -> ModelConfig:
+    """The preset's architecture, checked against the data (shape, kind) and the run's options."""
+    m = preset.model
+    if data.kind == "vector":
+        if m.kind != "mlp":
+            raise UserError(f"{data.name} holds vectors of shape {data.shape}; use --preset mlp")
+        m = dataclasses.replace(m, channels=data.shape[0])
+    else:
+        if m.kind != "unet":
+            raise UserError(f"{data.name} holds images of shape {data.shape}; --preset {preset.name} is for vectors")
+        if data.shape != (m.channels, m.resolution, m.resolution):
+            raise UserError(f"{data.name} images have shape {data.shape} but preset {preset.name} expects "
+                            f"{(m.channels, m.resolution, m.resolution)}: pick a matching --preset")
+    num_classes = data.num_classes if cfg.class_cond else 0
+    if cfg.class_cond and not num_classes:
+        raise UserError(f"--class-cond needs labelled data, but {data.name} has no labels")
+    return dataclasses.replace(m, dropout=cfg.dropout, num_classes=num_classes)
+
+
+def data_info(data: Dataset) -> dict:
+    return {"spec": data.name, "kind": data.kind, "shape": list(data.shape), "num_classes": data.num_classes,
+            "class_names": data.class_names, "size": len(data)}
+
+
+def load_train_data(cfg: TrainConfig, preset: Preset | None) -> Dataset:
+    res = ch = None
+    if preset is not None and preset.model.kind == "unet":
+        res, ch = preset.model.resolution, preset.model.channels
+    if cfg.data.startswith("toy:") or cfg.data == "digits":
+        res = ch = None   # fixed-shape built-in data; shapes are checked against the preset below
+    return load_data(cfg.data, split="train", resolution=res, channels=ch, seed=cfg.seed)
+
+
+def teacher_batch(data: Dataset, *, step: int, seed: int, batch_size: int, hflip: bool, label_dropout: float,
+                  device: torch.device) -> dict:
+    """The global batch of one step, a function of (seed, step) only: x, y, t, eps (Algorithm 1)."""
+    g = generator_for(torch.device("cpu"), seed, step)
+    idx = torch.randint(len(data), (batch_size,), generator=g)
+    t = torch.rand(batch_size, generator=g, dtype=torch.float64)
+    eps = torch.randn((batch_size, *data.shape), generator=g)
+    flip = torch.rand(batch_size, generator=g) < 0.5
+    drop = torch.rand(batch_size, generator=g) < label_dropout
+    x = data.x[idx]
+    if hflip:
+        x = random_hflip(x, flip)
+    y = None
+    if data.y is not None:
+        y = torch.where(drop, torch.full_like(data.y[idx], data.num_classes), data.y[idx])  # null class
+    return {"x": x.to(device), "y": None if y is None else y.to(device), "t": t.to(device), "eps": eps.to(device)}
+
+
+def diffusion_loss(denoiser, batch: dict, sl: slice, *, schedule: Schedule, weighting: str, class_cond: bool) -> torch.Tensor:
+    """L = w(lambda_t) ||x - x_pred(z_t)||^2 with z_t = alpha_t x + sigma_t eps (Algorithm 1)."""
+    x, t, eps = batch["x"][sl], batch["t"][sl], batch["eps"][sl]
+    logsnr = schedule.logsnr(t).float()
+    alpha, sigma = alpha_sigma(logsnr.reshape(-1, *([1] * (x.dim() - 1))))
+    z_t = alpha * x + sigma * eps
+    y = batch["y"][sl] if class_cond else None
+    x_pred = denoiser(z_t, logsnr, y)
+    return weighted_x_loss(x, x_pred, logsnr, weighting).mean()
+
+
+def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
+    """Train a teacher into run folder `out`; returns it. Resumable exactly with `resume=True`."""
+    out = Path(out)
+    dist_info = init_distributed()
+    state_path = latest_state(out / "state") if resume else None
+    if resume:
+        if not (out / "config.json").is_file():
+            raise UserError(f"--resume: {out} has no config.json; start a new run without --resume")
+        saved = from_dict(TrainConfig, read_json(out / "config.json", "run config"))
+        cfg = dataclasses.replace(saved, time_limit=cfg.time_limit, iters=cfg.iters or saved.iters)
+    elif (out / "config.json").exists():
+        raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    cfg = resolve_config(cfg)
+    preset_name = cfg.preset
+    data = load_train_data(cfg, get_preset(preset_name) if preset_name else None)
+    if preset_name is None:
+        if data.kind != "vector":
+            get_preset(None)  # raises: images need a named preset
+        cfg = resolve_config(dataclasses.replace(cfg, preset="mlp"))
+    preset = get_preset(cfg.preset)
+    model_cfg = model_config_for(preset, data, cfg)
+    schedule = Schedule.from_dict(cfg.schedule)
+
+    torch.manual_seed(seed_for(cfg.seed, 10_000 + dist_info.rank))  # dropout only; all else is passed in
+    net = build_network(model_cfg, cfg.param).to(dist_info.device)
+    ema = EMA(net, cfg.ema_decay, cfg.ema_warmup)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if state_path is not None:
+        st = load_state(state_path)
+        net.load_state_dict(st["net"])
+        ema.net.load_state_dict(st["ema"])
+        optimizer.load_state_dict(st["optimizer"])
+        set_rng_state(st["rng"][min(dist_info.rank, len(st["rng"]) - 1)])
+        start = int(st["step"])
+    elif resume and dist_info.is_main:
+        print(f"--resume: no training state in {out / 'state'}; starting from step 0")
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", to_dict(cfg))
+        print(f"teacher: preset {preset.name}, {count_parameters(net):,} parameters, data {data.name} "
+              f"({len(data)} x {tuple(data.shape)}), {cfg.iters} iters, batch {cfg.batch_size}, param {cfg.param}")
+
+    model = DistributedDataParallel(Denoiser(net, schedule=schedule, param=cfg.param)) if dist_info.enabled \
+        else Denoiser(net, schedule=schedule, param=cfg.param)
+    data.x = data.x.to(dist_info.device)
+    cache: dict = {}
+
+    def loss_fn(step: int, micro: int) -> torch.Tensor:
+        if cache.get("step") != step:
+            cache.update(step=step, batch=teacher_batch(
+                data, step=step, seed=cfg.seed, batch_size=cfg.batch_size, hflip=cfg.hflip,
+                label_dropout=cfg.label_dropout if cfg.class_cond else 0.0, device=dist_info.device))
+        sl = local_slice(cfg.batch_size, dist_info, cfg.grad_accum, micro)
+        return diffusion_loss(model, cache["batch"], sl, schedule=schedule, weighting=cfg.weighting,
+                              class_cond=cfg.class_cond)
+
+    card = ModelCard(model=model_cfg, param=cfg.param, schedule=schedule, data=data_info(data), kind="teacher",
+                     weights="ema", provenance={"progdistill": __version__, "preset": preset.name,
+                                                "weighting": cfg.weighting, "seed": cfg.seed})
+
+    def save_fn(step: int) -> None:
+        rngs = [rng_state()]
+        if dist_info.enabled:
+            gathered = [None] * dist_info.world
+            torch.distributed.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        if not dist_info.is_main:
+            return
+        torch_save_atomic({"step": step, "net": net.state_dict(), "ema": ema.net.state_dict(),
+                           "optimizer": optimizer.state_dict(), "rng": rngs}, out / "state" / state_name(step))
+        rotate_states(out / "state", cfg.keep_last)
+        card.iteration = step
+        save_model_folder(out, card, {"model": net, "ema": ema.net})
+
+    deadline = time.time() + 60 * cfg.time_limit if cfg.time_limit else None
+    result = optimize(model=model, params=list(net.parameters()), optimizer=optimizer, loss_fn=loss_fn,
+                      lr_fn=lr_warmup_constant(cfg.lr, cfg.warmup), start_step=start, iters=cfg.iters,
+                      grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip, precision=cfg.precision,
+                      dist_info=dist_info, ema=ema, ema_target=net, save_fn=save_fn,
+                      checkpoint_every=cfg.checkpoint_every, deadline=deadline,
+                      metrics=MetricsLog(out / "metrics.jsonl", dist_info.is_main), log_every=cfg.log_every,
+                      desc="teacher", progress=progress)
+    if dist_info.is_main:
+        write_json(out / "timing.json", {"iters": result.step, "seconds_this_session": result.seconds,
+                                         "finished": result.finished,
+                                         **_accumulate_time(out, result.seconds, start)})
+        if not result.finished:
+            print(f"time limit reached at step {result.step}/{cfg.iters}; continue with --resume")
+    return out
+
+
+def _accumulate_time(out: Path, seconds: float, start: int) -> dict:
+    """Total training wall time across resumed sessions (for cost reports)."""
+    prev = 0.0
+    p = out / "timing.json"
+    if start > 0 and p.is_file():
+        prev = float(read_json(p).get("seconds_total", 0.0))
+    return {"seconds_total": prev + seconds}

@@ -1,0 +1,215 @@
+"""The optimisation loop shared by teacher training and distillation.
+
+It owns what both need and nothing of the diffusion maths: distributed set-up, per-step
+generators from (seed, step) so global batches do not depend on the process count, gradient
+accumulation, bf16 autocast, gradient clipping, EMA, learning-rate schedules, progress bar,
+JSONL metrics, periodic checkpoints and the time limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import UserError
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed() -> DistInfo:
+    """One process, or torchrun's env (WORLD_SIZE/RANK/LOCAL_RANK): gloo on CPU, NCCL on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world == 1:
+        return DistInfo(0, 1, device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), device)
+
+
+def seed_for(*keys: int) -> int:
+    """A well-mixed 63-bit seed from integer keys (seed, step, ...)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0]) >> 1
+
+
+def generator_for(device: torch.device, *keys: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed_for(*keys))
+
+
+def local_slice(global_batch: int, dist_info: DistInfo, grad_accum: int, micro: int) -> slice:
+    """This process's part of micro-batch `micro` of a global batch."""
+    parts = dist_info.world * grad_accum
+    if global_batch % parts:
+        raise UserError(f"batch size {global_batch} must be divisible by processes x --grad-accum = {parts}")
+    b = global_batch // parts
+    start = (micro * dist_info.world + dist_info.rank) * b
+    return slice(start, start + b)
+
+
+class EMA:
+    """Exponential moving average of weights; decay min(decay, (1 + n) / (10 + n)) with warm-up."""
+
+    def __init__(self, net: nn.Module, decay: float, warmup: bool = True):
+        self.net = copy.deepcopy(net).eval().requires_grad_(False)
+        self.decay, self.warmup = decay, warmup
+
+    @torch.no_grad()
+    def update(self, net: nn.Module, num_updates: int) -> None:
+        d = min(self.decay, (1 + num_updates) / (10 + num_updates)) if self.warmup else self.decay
+        for p_ema, p in zip(self.net.parameters(), net.parameters()):
+            p_ema.lerp_(p.detach(), 1.0 - d)
+        for b_ema, b in zip(self.net.buffers(), net.buffers()):
+            b_ema.copy_(b)
+
+
+def lr_warmup_constant(base: float, warmup: int) -> Callable[[int], float]:
+    """lr = base * min(1, (step + 1) / warmup) (teacher training, method.md §5)."""
+    return lambda step: base * min(1.0, (step + 1) / max(1, warmup))
+
+
+def lr_linear_decay(base: float, total: int) -> Callable[[int], float]:
+    """lr = base * (1 - step / total): decays linearly to 0 within a round (method.md §6)."""
+    return lambda step: base * max(0.0, 1.0 - step / total)
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class MetricsLog:
+    """Append-only JSONL metrics file (rank 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = Path(path), enabled
+
+    def write(self, **record) -> None:
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _agree(flag: bool, dist_info: DistInfo) -> bool:
+    """Rank 0's decision, shared with every process (time limits must stop all ranks together)."""
+    if not dist_info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=dist_info.device)
+    dist.broadcast(t, 0)
+    return bool(t.item() > 0.5)
+
+
+def _mean_across(x: float, dist_info: DistInfo) -> float:
+    if not dist_info.enabled:
+        return x
+    t = torch.tensor([x], device=dist_info.device, dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / dist_info.world
+
+
+@dataclass
+class LoopResult:
+    step: int
+    finished: bool
+    seconds: float
+
+
+def optimize(*, model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+             loss_fn: Callable[[int, int], torch.Tensor], lr_fn: Callable[[int], float], start_step: int, iters: int,
+             grad_accum: int, grad_clip: float | None, precision: str, dist_info: DistInfo,
+             ema: EMA | None = None, ema_target: nn.Module | None = None,
+             save_fn: Callable[[int], None], checkpoint_every: int, deadline: float | None,
+             metrics: MetricsLog, log_every: int, desc: str, progress: bool = True,
+             extra_log: dict | None = None) -> LoopResult:
+    """Run optimizer steps start_step..iters-1; `loss_fn(step, micro)` gives this process's micro-batch loss.
+
+    Saves with `save_fn(step_done)` every `checkpoint_every` steps, at the end, and when the
+    deadline (time.time()) passes; returns whether all `iters` steps are done.
+    """
+    use_sync = dist_info.enabled and hasattr(model, "no_sync")
+    t0, step = time.time(), start_step
+    bar = tqdm(total=iters, initial=start_step, desc=desc, disable=not (progress and dist_info.is_main),
+               dynamic_ncols=True, leave=True)
+    window_t, window_n, loss_acc = time.time(), 0, 0.0
+    try:
+        while step < iters:
+            lr = lr_fn(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_val = 0.0
+            for micro in range(grad_accum):
+                sync_ctx = model.no_sync() if (use_sync and micro < grad_accum - 1) else contextlib.nullcontext()
+                with sync_ctx:
+                    with autocast(precision, dist_info.device):
+                        loss = loss_fn(step, micro) / grad_accum
+                    if not torch.isfinite(loss):
+                        raise UserError(f"loss became {loss.item()} at step {step}: lower --lr or use --precision fp32")
+                    loss.backward()
+                loss_val += float(loss.detach())
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if ema is not None:
+                ema.update(ema_target if ema_target is not None else model, step - 1)
+            loss_acc += loss_val
+            window_n += 1
+            bar.update(1)
+            if step % log_every == 0 or step == iters:
+                mean_loss = _mean_across(loss_acc / window_n, dist_info)
+                rate = window_n / max(1e-9, time.time() - window_t)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+                metrics.write(step=step, loss=mean_loss, lr=lr, grad_norm=float(grad_norm), it_per_s=rate,
+                              elapsed_s=time.time() - t0, **(extra_log or {}))
+                window_t, window_n, loss_acc = time.time(), 0, 0.0
+            out_of_time = _agree(deadline is not None and time.time() > deadline, dist_info)
+            if step % checkpoint_every == 0 or step == iters or out_of_time:
+                save_fn(step)
+            if out_of_time and step < iters:
+                return LoopResult(step, False, time.time() - t0)
+    finally:
+        bar.close()
+    return LoopResult(step, True, time.time() - t0)
