@@ -62,6 +62,36 @@ def test_frechet_singular_covariances_stay_finite():
     assert np.isfinite(fd) and fd > 0
 
 
+@pytest.mark.parametrize("n", [500, 20])  # full-rank and rank-deficient covariances
+def test_frechet_eigvals_matches_sqrtm(n):
+    r = rng(15)
+    s1 = np.cov(r.normal(size=(n, 64)) @ r.normal(size=(64, 64)), rowvar=False)
+    s2 = np.cov(np.tanh(r.normal(size=(n, 64))), rowvar=False)
+    mu = r.normal(size=64)
+    fast = M.frechet_distance(mu, s1, 0 * mu, s2)
+    ref = M.frechet_distance(mu, s1, 0 * mu, s2, method="sqrtm")
+    assert fast == pytest.approx(ref, rel=1e-9)
+    with pytest.raises(UserError):
+        M.frechet_distance(mu, s1, mu, s2, method="bogus")
+
+
+def test_frechet_safeguards(monkeypatch):
+    real, seen = M._sqrt_product_diag, []
+
+    def singular_once(s1, s2, method):
+        seen.append(s1[0, 0])
+        return np.array([np.nan]) if len(seen) == 1 else real(s1, s2, method)
+
+    monkeypatch.setattr(M, "_sqrt_product_diag", singular_once)
+    assert M.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3)) == pytest.approx(0, abs=1e-4)
+    assert seen == [1.0, 1.0 + 1e-6]  # retried with the eps * I offset
+    monkeypatch.setattr(M, "_sqrt_product_diag", lambda *a: np.array([1 + 1e-9j, 1 + 1e-9j, 1 + 0.5j]))
+    with pytest.raises(UserError, match="imaginary"):
+        M.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3))
+    monkeypatch.setattr(M, "_sqrt_product_diag", lambda *a: np.array([1 + 1e-9j, 1 + 1e-9j, 1 + 0j]))
+    assert M.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3)) == pytest.approx(0)
+
+
 def test_frechet_shape_mismatch():
     with pytest.raises(UserError):
         M.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))

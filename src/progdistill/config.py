@@ -17,6 +17,8 @@ def _check_common(cfg) -> None:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     for name in ("batch_size", "grad_accum", "checkpoint_every", "keep_last", "log_every"):
         v = getattr(cfg, name)
+        if v is None and name == "batch_size":
+            continue  # filled from the preset or the teacher
         if not isinstance(v, int) or v < 1:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
     if cfg.lr is not None and not cfg.lr > 0:

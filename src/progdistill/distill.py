@@ -62,9 +62,9 @@ def distillation_target(teacher, z_t: torch.Tensor, *, i: torch.Tensor, num_step
     At i = 1 (t'' = 0) the target is the teacher's second x prediction, as in the released code.
     """
     t = i.double() / num_steps
-    logsnr_t = schedule.logsnr(t).float()
-    logsnr_t1 = schedule.logsnr(t - 0.5 / num_steps).float()
-    logsnr_t2 = schedule.logsnr(t - 1.0 / num_steps).float()
+    logsnr_t = schedule.logsnr(t).to(z_t.dtype)
+    logsnr_t1 = schedule.logsnr(t - 0.5 / num_steps).to(z_t.dtype)
+    logsnr_t2 = schedule.logsnr(t - 1.0 / num_steps).to(z_t.dtype)
     z_t2, x_2 = two_teacher_steps(teacher, z_t, logsnr_t=logsnr_t, logsnr_t1=logsnr_t1, logsnr_t2=logsnr_t2,
                                   class_labels=class_labels)
     target = x_target(z_t, z_t2, logsnr_t=logsnr_t, logsnr_t2=logsnr_t2)

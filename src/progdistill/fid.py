@@ -13,6 +13,7 @@ import re
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -63,7 +64,9 @@ def download_inception(dest: str | os.PathLike, url: str = INCEPTION_URL, timeou
 def _jit_load(path: Path, device) -> torch.jit.ScriptModule:
     """torch.jit.load with a one-line UserError for a broken or foreign file."""
     try:
-        return torch.jit.load(str(path), map_location=device).eval()
+        with warnings.catch_warnings():  # TorchScript is deprecated, but it is the reference's format
+            warnings.filterwarnings("ignore", r".*torch\.jit", DeprecationWarning)
+            return torch.jit.load(str(path), map_location=device).eval()
     except Exception as e:
         raise UserError(f"{path} is not a loadable TorchScript Inception detector ({type(e).__name__}); "
                         f"replace it with {INCEPTION_URL}") from None
