@@ -194,8 +194,9 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
         teacher.eval().requires_grad_(False)
         student_net = init_student(teacher.net, t_card, student_param).to(dist_info.device)
         optimizer = torch.optim.AdamW(student_net.parameters(), lr=cfg.lr, weight_decay=0.0)   # fresh each round
-        start = 0
+        start, prev_seconds, round_t0 = 0, 0.0, time.time()
         if st is not None and int(st["round"]) == r:
+            prev_seconds = float(st.get("seconds", 0.0))
             student_net.load_state_dict(st["net"])
             optimizer.load_state_dict(st["optimizer"])
             set_rng_state(st["rng"][min(dist_info.rank, len(st["rng"]) - 1)])
@@ -213,7 +214,8 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
             return distillation_loss(model, teacher, cache["batch"], sl, num_steps=n_student,
                                      schedule=card0.schedule, weighting=cfg.weighting, class_cond=class_cond)
 
-        def save_fn(step: int, r=r, student_net=student_net, optimizer=optimizer) -> None:
+        def save_fn(step: int, r=r, student_net=student_net, optimizer=optimizer, prev_seconds=prev_seconds,
+                    round_t0=round_t0) -> None:
             rngs = [rng_state()]
             if dist_info.enabled:
                 gathered = [None] * dist_info.world
@@ -221,7 +223,8 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
                 rngs = gathered
             if dist_info.is_main:
                 torch_save_atomic({"round": r, "step": step, "net": student_net.state_dict(),
-                                   "optimizer": optimizer.state_dict(), "rng": rngs},
+                                   "optimizer": optimizer.state_dict(), "rng": rngs,
+                                   "seconds": prev_seconds + time.time() - round_t0},
                                   out / "state" / state_name(r, step))
                 rotate_states(out / "state", cfg.keep_last)
 
@@ -245,7 +248,6 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
                                          "round": r, "teacher_steps": 2 * n_student, "seed": cfg.seed,
                                          "preset": (card0.provenance or {}).get("preset")})
             save_model_folder(out / steps_folder_name(n_student), card, {"model": student_net})
-            prev_seconds = sum(x.get("seconds", 0.0) for x in run_card["rounds"] if x["round"] == r)
             run_card["rounds"] = [x for x in run_card["rounds"] if x["round"] != r] + [
                 {"round": r, "steps": n_student, "iters": iters, "seconds": prev_seconds + result.seconds}]
             run_card["latest"] = steps_folder_name(n_student)

@@ -34,9 +34,7 @@ def default_preset(data_spec: str) -> str | None:
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """Fill unset fields from the preset (method.md §5 defaults)."""
-    preset_name = cfg.preset or default_preset(cfg.data)
-    if preset_name is None and cfg.data.startswith("npz:"):
-        preset_name = None  # decided once the data's kind is known (vectors -> mlp)
+    preset_name = cfg.preset or default_preset(cfg.data)   # None: decided by the data (vectors -> mlp)
     p = get_preset(preset_name) if preset_name else None
     fill = {}
     if p is not None:
