@@ -70,7 +70,8 @@ def ancestral_step(z_t: torch.Tensor, x_pred: torch.Tensor, noise: torch.Tensor,
 
 
 def _predict(denoiser: DenoiserFn, z: torch.Tensor, logsnr: torch.Tensor, class_labels, clip: bool) -> torch.Tensor:
-    x_pred = denoiser(z, logsnr.to(z.dtype).expand(z.shape[0]).to(z.device), class_labels)
+    logsnr = logsnr.to(torch.promote_types(z.dtype, torch.float32))   # never round the time input to bf16
+    x_pred = denoiser(z, logsnr.expand(z.shape[0]).to(z.device), class_labels)
     return x_pred.clamp(-1.0, 1.0) if clip else x_pred
 
 
@@ -113,13 +114,12 @@ def sample_ancestral(denoiser: DenoiserFn, z_1: torch.Tensor, *, schedule: Sched
 
 @torch.no_grad()
 def sample_dpmpp_2m(denoiser: DenoiserFn, z_1: torch.Tensor, *, schedule: Schedule, num_steps: int,
-                    class_labels: torch.Tensor | None = None, clip: bool = True, lower_order_final: bool = True,
+                    class_labels: torch.Tensor | None = None, clip: bool = True,
                     progress: bool = False) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in data prediction over h = (lambda_s - lambda_t) / 2.
 
     The final point t = 0 is treated as sigma = 0 (diffusers' final_sigmas_type="zero"), so the last
     step is always first order (h is infinite there; diffusers forces this too) and returns x_pred.
-    `lower_order_final` is kept for compatibility and has no effect on the 2M solver.
     """
     z = z_1
     grid = schedule.logsnr(time_grid(num_steps))
