@@ -24,13 +24,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't
 TOL = 1e-5  # max abs; both sides run the UNet in float32 and agree to ~2e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP contention (10x faster on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

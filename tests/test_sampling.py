@@ -25,13 +25,6 @@ LAM1 = SCHED.logsnr(torch.tensor(1.0, dtype=F64))
 LAM0 = SCHED.logsnr(torch.tensor(0.0, dtype=F64))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: one thread avoids OpenMP contention (several times faster on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def gaussian() -> GaussianDenoiser:

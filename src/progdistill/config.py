@@ -57,6 +57,7 @@ class TrainConfig:
     time_limit: float | None = None  # minutes
     log_every: int = 25
     schedule: dict = field(default_factory=lambda: {"kind": "cosine", "logsnr_min": -20.0, "logsnr_max": 20.0})
+    model_overrides: dict = field(default_factory=dict)   # ModelConfig fields to change, e.g. {"hidden": 128}
 
     def validate(self) -> "TrainConfig":
         _check_common(self)

@@ -23,16 +23,24 @@ from .teacher import train
 
 @dataclasses.dataclass(frozen=True)
 class DemoBudget:
+    """Iteration budgets, with wall-clock limits (minutes) as a safety net on slower machines."""
+
     teacher_iters: int
+    teacher_batch: int
     iters_per_round: int
     last_rounds_factor: float
+    distill_batch: int
     num_eval: int
+    teacher_minutes: float
+    distill_minutes: float
     grid: int = 64          # samples per grid
     start_steps: int = 256
 
 
-FULL = DemoBudget(teacher_iters=2000, iters_per_round=300, last_rounds_factor=2.0, num_eval=1000)
-QUICK = DemoBudget(teacher_iters=120, iters_per_round=12, last_rounds_factor=1.0, num_eval=200, grid=16,
+FULL = DemoBudget(teacher_iters=2400, teacher_batch=64, iters_per_round=120, last_rounds_factor=3.0,
+                  distill_batch=64, num_eval=1000, teacher_minutes=3.5, distill_minutes=5.0)
+QUICK = DemoBudget(teacher_iters=120, teacher_batch=32, iters_per_round=12, last_rounds_factor=1.0,
+                   distill_batch=32, num_eval=200, teacher_minutes=1.0, distill_minutes=1.0, grid=16,
                    start_steps=16)
 
 
@@ -72,6 +80,8 @@ def write_grids(teacher_dir: Path, distill_dir: Path, out: Path, budget: DemoBud
     paths = []
     n = budget.start_steps // 2
     while n >= 1:
+        if not (distill_dir / steps_folder_name(n) / CARD).is_file():
+            break   # stopped by the time limit: run the demo again to resume
         student = load(distill_dir / steps_folder_name(n), device="cpu")
         panels = [(f"teacher DDIM {n}", teacher.sample(num=budget.grid, steps=n, seed=seed)),
                   (f"distilled {n}", student.sample(num=budget.grid, steps=n, seed=seed)),
@@ -95,8 +105,8 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, seed: int = 0, 
         print(f"[demo] reusing the finished teacher in {teacher_dir}")
     else:
         print(f"[demo] 1/4 training a teacher on digits ({budget.teacher_iters} iterations)")
-        cfg = TrainConfig(data="digits", preset="digits", iters=budget.teacher_iters, seed=seed,
-                          checkpoint_every=500)
+        cfg = TrainConfig(data="digits", preset="digits", iters=budget.teacher_iters, batch_size=budget.teacher_batch,
+                          seed=seed, checkpoint_every=500, time_limit=budget.teacher_minutes)
         train(cfg, teacher_dir, resume=(teacher_dir / "config.json").exists())
     t1 = time.time()
     if _distill_finished(distill_dir, 1):
@@ -105,7 +115,7 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, seed: int = 0, 
         print(f"[demo] 2/4 distilling {budget.start_steps} -> 1 steps ({budget.iters_per_round} iterations per round)")
         cfg = DistillConfig(teacher=str(teacher_dir), start_steps=budget.start_steps, final_steps=1,
                             iters_per_round=budget.iters_per_round, last_rounds_factor=budget.last_rounds_factor,
-                            seed=seed)
+                            batch_size=budget.distill_batch, seed=seed, time_limit=budget.distill_minutes)
         distill(cfg, distill_dir, resume=(distill_dir / "config.json").exists())
     t2 = time.time()
     print("[demo] 3/4 writing sample grids (same seeds: teacher DDIM | distilled | teacher 256 steps)")

@@ -46,7 +46,10 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
 
 def model_config_for(preset: Preset, data: Dataset, cfg: TrainConfig) -> ModelConfig:
     """The preset's architecture, checked against the data (shape, kind) and the run's options."""
-    m = preset.model
+    try:
+        m = dataclasses.replace(preset.model, **cfg.model_overrides)
+    except TypeError as e:
+        raise UserError(f"bad model override {cfg.model_overrides}: {e}") from None
     if data.kind == "vector":
         if m.kind != "mlp":
             raise UserError(f"{data.name} holds vectors of shape {data.shape}; use --preset mlp")
@@ -120,6 +123,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     cfg = resolve_config(cfg)
     preset_name = cfg.preset
+    if preset_name is None and cfg.data.split(":")[0] in ("folder", "cifar10"):
+        get_preset(None)  # raises: images need a named preset (only vectors imply `mlp`)
     data = load_train_data(cfg, get_preset(preset_name) if preset_name else None)
     if preset_name is None:
         if data.kind != "vector":
