@@ -43,7 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="output folder (a finished teacher there is reused)")
     d.add_argument("--quick", action="store_true", help="tiny budgets (~2 minutes), for smoke tests")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--num-eval", type=int, default=None, help="samples per evaluated sampler")
+    d.add_argument("--num-eval", type=int, default=None, help="samples per evaluated sampler (0: skip evaluation)")
+    d.add_argument("--teacher-iters", type=int, default=None, help="override the teacher budget (no time limit)")
+    d.add_argument("--iters-per-round", type=int, default=None, help="override the distillation budget (no time limit)")
+    d.add_argument("--last-rounds-factor", type=float, default=None)
 
     t = add("train", "train a teacher (paper Algorithm 1)")
     t.add_argument("--data", default="digits", help="digits | toy:NAME | folder:PATH | npz:PATH | cifar10:PATH")
@@ -179,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             from .demo import run_demo
-            run_demo(out=Path(args.out), quick=args.quick, seed=args.seed, num_eval=args.num_eval)
+            run_demo(out=Path(args.out), quick=args.quick, seed=args.seed, num_eval=args.num_eval,
+                     teacher_iters=args.teacher_iters, iters_per_round=args.iters_per_round,
+                     last_rounds_factor=args.last_rounds_factor)
         elif args.command in handlers:
             handlers[args.command](args)
         else:

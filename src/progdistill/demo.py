@@ -31,8 +31,8 @@ class DemoBudget:
     last_rounds_factor: float
     distill_batch: int
     num_eval: int
-    teacher_minutes: float
-    distill_minutes: float
+    teacher_minutes: float | None
+    distill_minutes: float | None
     grid: int = 64          # samples per grid
     start_steps: int = 256
 
@@ -94,10 +94,18 @@ def write_grids(teacher_dir: Path, distill_dir: Path, out: Path, budget: DemoBud
     return paths
 
 
-def run_demo(out: Path = Path("runs/demo"), quick: bool = False, seed: int = 0, num_eval: int | None = None) -> None:
+def run_demo(out: Path = Path("runs/demo"), quick: bool = False, seed: int = 0, num_eval: int | None = None,
+             teacher_iters: int | None = None, iters_per_round: int | None = None,
+             last_rounds_factor: float | None = None) -> None:
     budget = QUICK if quick else FULL
     if num_eval is not None:
         budget = dataclasses.replace(budget, num_eval=num_eval)
+    if teacher_iters is not None:      # explicit budgets (benchmarks) run to completion
+        budget = dataclasses.replace(budget, teacher_iters=teacher_iters, teacher_minutes=None)
+    if iters_per_round is not None:
+        budget = dataclasses.replace(budget, iters_per_round=iters_per_round, distill_minutes=None)
+    if last_rounds_factor is not None:
+        budget = dataclasses.replace(budget, last_rounds_factor=last_rounds_factor)
     out = Path(out)
     t0 = time.time()
     teacher_dir, distill_dir = out / "teacher", out / "distill"
@@ -126,7 +134,7 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, seed: int = 0, 
         from .report import demo_evaluation
     except ImportError:
         demo_evaluation = None
-    if demo_evaluation is not None:
+    if demo_evaluation is not None and budget.num_eval > 0:
         print(f"[demo] 4/4 evaluating ({budget.num_eval} samples per sampler) and writing the report")
         demo_evaluation(distill_dir, out, num=budget.num_eval, seed=seed, quick=quick)
     t4 = time.time()

@@ -377,8 +377,8 @@ def evaluate(model_path, *, data: str | None = None, steps=None, methods=None, m
 
 # ------------------------------------------------------------------------------- output
 FORMAT = {"fd_pixel": ".3f", "fd_feature": ".2f", "fid": ".2f", "precision": ".3f", "recall": ".3f",
-          "class_coverage": ".2f", "class_entropy": ".3f", "psnr_teacher": ".1f", "sw": ".4f", "energy": ".4f",
-          "xent_true": ".3f", "nll": ".3f", "samples_per_s": ".0f", "logvar_frac": ".2f"}
+          "class_coverage": ".2f", "class_entropy": ".3f", "sw": ".4f", "energy": ".4f", "xent_true": ".3f",
+          "nll": ".3f", "nll_true": ".3f", "psnr_teacher": ".1f", "samples_per_s": ".0f", "logvar_frac": ".2f"}
 
 
 def fmt(key: str, v) -> str:

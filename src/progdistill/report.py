@@ -22,8 +22,8 @@ LABELS = {"fd_pixel": "pixel FD (lower is better)", "fd_feature": "feature FD (l
           "fid": "FID (lower is better)", "precision": "precision (higher is better)",
           "recall": "recall (higher is better)", "class_coverage": "class coverage (of 10)",
           "class_entropy": "class entropy, nats (max ln 10 = 2.303)",
-          "psnr_teacher": "teacher-match PSNR, dB (higher is better)", "sw": "sliced Wasserstein-2 (lower is better)",
-          "energy": "energy distance (lower is better)", "xent_true": "cross-entropy -E log p_data(sample)",
+          "sw": "sliced Wasserstein-2 (lower is better)", "energy": "energy distance (lower is better)",
+          "xent_true": "cross-entropy -E log p_data(sample)", "psnr_teacher": "teacher-match PSNR, dB (higher is better)",
           "samples_per_s": "samples / s (CPU)", "logvar_frac": "ancestral log-variance fraction (tuned on train)"}
 PLOT_METRICS = ["fd_feature", "fd_pixel", "fid", "sw", "energy", "psnr_teacher"]
 
@@ -208,7 +208,7 @@ def write_report(out: Path, distill: Path, records: list[dict], *, seed: int = 0
              f"the teacher's {n0}-step DDIM output from the same noise ({psnr_num} samples).")
     ode = [r for r in records if r["method"] == "teacher_ode"]
     extra = [f"Teacher probability-flow ODE NLL of {r['num']} true points: {r['nll']:.3f} nats"
-             + (f" (true density: {r['nll_true']:.3f})" if "nll_true" in r else "") for r in ode]
+             + (f" (under the true density, the floor: {r['nll_true']:.3f})" if "nll_true" in r else "") for r in ode]
     title = f"Progressive distillation report: {out.resolve().name}"
     md = [f"# {title}", "", intro, "", *extra, "", "## Quality per step count", ""]
     md += [LEGEND, ""]
@@ -312,7 +312,8 @@ def cmd_report(a) -> None:
         if not isinstance(records, list) or not all(isinstance(r, dict) and "method" in r for r in records):
             raise UserError(f"{path} does not hold evaluation records; delete it or pass --reevaluate")
     else:
-        print(f"{path} not found: running a {'quick ' if a.quick else ''}evaluation ({a.num} samples)")
+        why = "re-evaluating" if path.is_file() else f"{path} not found"
+        print(f"{why}: running a {'quick ' if a.quick else ''}evaluation ({a.num} samples)")
         records = run_evaluation(distill, out, num=a.num, seed=a.seed, quick=a.quick)
     print(compact_table(records, resolve_run(distill).start_steps))
     html_path, md_path = write_report(out, distill, records, seed=records[0]["seed"] if records else a.seed)
