@@ -37,7 +37,7 @@ class DemoBudget:
     start_steps: int = 256
 
 
-FULL = DemoBudget(teacher_iters=2400, teacher_batch=64, iters_per_round=120, last_rounds_factor=3.0,
+FULL = DemoBudget(teacher_iters=2000, teacher_batch=64, iters_per_round=100, last_rounds_factor=3.0,
                   distill_batch=64, num_eval=1000, teacher_minutes=3.5, distill_minutes=5.0)
 QUICK = DemoBudget(teacher_iters=120, teacher_batch=32, iters_per_round=12, last_rounds_factor=1.0,
                    distill_batch=32, num_eval=200, teacher_minutes=1.0, distill_minutes=1.0, grid=16,

@@ -73,8 +73,8 @@ PRESETS: dict[str, Preset] = {
     "digits": Preset(
         "digits", ModelConfig(resolution=8, channels=1, block_out_channels=(32, 32, 64), layers_per_block=1,
                               attention_resolutions=(4,), dropout=0.0),
-        hflip=False, batch_size=128, lr=1e-3, weight_decay=0.0, warmup=100, ema_decay=0.999, iters=2000,
-        param="v", distill_lr=3e-4, distill_start_steps=256, distill_iters_per_round=400,
+        hflip=False, batch_size=64, lr=1e-3, weight_decay=0.0, warmup=100, ema_decay=0.999, iters=3000,
+        param="v", distill_lr=3e-4, distill_start_steps=256, distill_iters_per_round=300,
         description="8x8x1 built-in digits; trains on 2 CPU cores in minutes"),
     "cifar10": Preset(
         "cifar10", ModelConfig(resolution=32, channels=3, block_out_channels=(256, 256, 256), layers_per_block=3,
