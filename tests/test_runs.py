@@ -180,3 +180,16 @@ def test_sample_with_impossible_steps(tmp_path, capsys):
     out = train(_toy_cfg(iters=2), tmp_path / "r", progress=False)
     assert cli.main(["sample", "--model", str(out), "--steps", "0", "--out", str(tmp_path / "x.png")]) == 2
     assert "positive integer" in capsys.readouterr().err
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path):
+    one = train(_toy_cfg(iters=4), tmp_path / "one", progress=False)
+    acc = train(_toy_cfg(iters=4, grad_accum=4), tmp_path / "acc", progress=False)
+    _assert_same_weights(one / "model", acc / "model", atol=1e-5)
+
+
+def test_bf16_autocast_trains_and_distils(tmp_path):
+    t = train(_toy_cfg(iters=3, precision="bf16"), tmp_path / "t", progress=False)
+    d = distill(_distill_cfg(t, start_steps=4, final_steps=2, iters_per_round=2, precision="bf16"), tmp_path / "d",
+                progress=False)
+    assert load(d).sample(num=4).isfinite().all()

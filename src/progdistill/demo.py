@@ -38,7 +38,7 @@ class DemoBudget:
 
 
 FULL = DemoBudget(teacher_iters=2000, teacher_batch=64, iters_per_round=100, last_rounds_factor=3.0,
-                  distill_batch=64, num_eval=1000, teacher_minutes=3.5, distill_minutes=5.0)
+                  distill_batch=64, num_eval=1000, teacher_minutes=4.0, distill_minutes=4.5)
 QUICK = DemoBudget(teacher_iters=120, teacher_batch=32, iters_per_round=12, last_rounds_factor=1.0,
                    distill_batch=32, num_eval=200, teacher_minutes=1.0, distill_minutes=1.0, grid=16,
                    start_steps=16)
