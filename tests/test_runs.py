@@ -114,6 +114,14 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_same_weights(tmp_path / "one" / "model", tmp_path / "two" / "model", atol=1e-5)
     _assert_same_weights(tmp_path / "one" / "ema", tmp_path / "two" / "ema", atol=1e-5)
+    # distillation under torchrun too: same students as one process
+    dargs = ["distill", "--teacher", str(tmp_path / "one"), "--start-steps", "4", "--final-steps", "2",
+             "--iters-per-round", "3", "--batch-size", "64", "--no-progress"]
+    assert cli.main(dargs + ["--out", str(tmp_path / "d1")]) == 0
+    r = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29518", "-m", "progdistill.cli", *dargs,
+                        "--out", str(tmp_path / "d2")], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same_weights(tmp_path / "d1" / "steps-0002" / "model", tmp_path / "d2" / "steps-0002" / "model", atol=1e-5)
 
 
 def _distill_cfg(teacher: Path, **kw) -> DistillConfig:
@@ -193,3 +201,20 @@ def test_bf16_autocast_trains_and_distils(tmp_path):
     d = distill(_distill_cfg(t, start_steps=4, final_steps=2, iters_per_round=2, precision="bf16"), tmp_path / "d",
                 progress=False)
     assert load(d).sample(num=4).isfinite().all()
+
+
+def test_class_conditional_digits_and_npz_vectors(tmp_path):
+    out = tmp_path / "cond"
+    assert cli.main(["train", "--data", "digits", "--class-cond", "--out", str(out), "--iters", "2", "--batch-size", "16",
+                     "--sample-steps", "2", "--no-progress"]) == 0
+    card = read_json(out / CARD)
+    assert card["model"]["num_classes"] == 10
+    assert load(out).sample(num=3, steps=2, class_label=7).shape == (3, 1, 8, 8)
+    assert cli.main(["sample", "--model", str(out), "--steps", "2", "--num", "4", "--class", "12",
+                     "--out", str(tmp_path / "x.png")]) == 2
+    import numpy as np
+    np.savez(tmp_path / "v.npz", x=np.random.default_rng(0).normal(size=(500, 3)).astype("float32"))
+    vec = tmp_path / "vec"
+    assert cli.main(["train", "--data", f"npz:{tmp_path / 'v.npz'}", "--out", str(vec), "--iters", "2",
+                     "--batch-size", "32", "--sample-steps", "2", "--no-progress"]) == 0
+    assert read_json(vec / CARD)["model"]["kind"] == "mlp" and load(vec).sample(num=2, steps=2).shape == (2, 3)
