@@ -24,8 +24,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't
 TOL = 1e-5  # max abs; both sides run the UNet in float32 and agree to ~2e-6
 
 
-
-
 @pytest.fixture(scope="module")
 def unet():
     torch.manual_seed(0)

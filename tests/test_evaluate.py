@@ -19,15 +19,6 @@ from progdistill.schedules import Schedule
 from progdistill.teacher import train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread, above all on shared, busy cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, one_thread):
     """Tiny toy:gmm and digits teacher + distillation runs, built once for this file."""

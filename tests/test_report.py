@@ -15,14 +15,6 @@ from progdistill.errors import UserError
 from progdistill.teacher import train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, one_thread):
     """A demo-shaped folder: teacher/ and distill/ (digits, 4 -> 1 steps), built once for this file."""

@@ -25,8 +25,6 @@ LAM1 = SCHED.logsnr(torch.tensor(1.0, dtype=F64))
 LAM0 = SCHED.logsnr(torch.tensor(0.0, dtype=F64))
 
 
-
-
 def gaussian() -> GaussianDenoiser:
     return GaussianDenoiser(MU, S)
 

@@ -141,7 +141,7 @@ def class_entropy(pred_labels, num_classes: int) -> float:
     y = _labels(pred_labels, num_classes)
     p = np.bincount(y, minlength=num_classes) / float(y.size)
     p = p[p > 0]
-    return float(-(p * np.log(p)).sum())
+    return float(-(p * np.log(p)).sum()) + 0.0   # + 0.0: a single class gives 0, not -0
 
 
 def class_coverage(pred_labels, num_classes: int) -> float:
