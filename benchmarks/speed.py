@@ -27,7 +27,7 @@ from progdistill.models import PRESETS, build_network
 from progdistill.pipeline import generate
 from progdistill.schedules import Schedule
 from progdistill.teacher import diffusion_loss, teacher_batch
-from progdistill.training import DistInfo, EMA
+from progdistill.training import EMA
 
 
 def _time(fn, iters: int, warmup: int = 3) -> float:
@@ -58,7 +58,6 @@ def main() -> None:
     data = load_data("digits")
     B = a.batch_size
     dev = torch.device("cpu")
-    info = DistInfo()
     sl = slice(0, B)
 
     net = build_network(preset.model, preset.param)
@@ -86,8 +85,7 @@ def main() -> None:
 
     frozen = Denoiser(build_network(preset.model, preset.param), schedule=schedule, param=preset.param).eval()
     frozen.requires_grad_(False)
-    card = type("C", (), {"model": preset.model})()
-    student_net = init_student(frozen.net, card, preset.param)
+    student_net = init_student(frozen.net, preset.model, preset.param)
     student = Denoiser(student_net, schedule=schedule, param=preset.param)
     sopt = torch.optim.AdamW(student_net.parameters(), lr=1e-4)
 

@@ -7,7 +7,6 @@ and N live in the checkpoint, never in step arithmetic.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from .data import Dataset, load_data
 from .denoiser import Denoiser
 from .errors import UserError
 from .losses import weighted_x_loss
-from .models import build_network, get_preset
+from .models import ModelConfig, build_network, get_preset
 from .sampling import ddim_step
 from .schedules import Schedule, alpha_sigma
 from .training import (MetricsLog, generator_for, init_distributed, local_slice, lr_linear_decay, optimize,
@@ -80,11 +79,10 @@ def student_param_for(teacher_param: str, requested: str | None) -> str:
     return "v" if teacher_param == "eps" else teacher_param
 
 
-def init_student(teacher_net: nn.Module, card: ModelCard, student_param: str) -> nn.Module:
+def init_student(teacher_net: nn.Module, model_cfg: ModelConfig, student_param: str) -> nn.Module:
     """A copy of the teacher (dropout 0). Across a parameterization switch with other output channels,
     every tensor but the output layer is copied (the paper's eps -> v remedy keeps channels equal)."""
-    cfg = dataclasses.replace(card.model, dropout=0.0)
-    student = build_network(cfg, student_param)
+    student = build_network(dataclasses.replace(model_cfg, dropout=0.0), student_param)
     src = teacher_net.state_dict()
     own = student.state_dict()
     compatible = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
@@ -192,7 +190,7 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
         else:
             teacher, t_card = load_denoiser(out / steps_folder_name(rounds[r - 1]["steps"]), device=dist_info.device)
         teacher.eval().requires_grad_(False)
-        student_net = init_student(teacher.net, t_card, student_param).to(dist_info.device)
+        student_net = init_student(teacher.net, t_card.model, student_param).to(dist_info.device)
         optimizer = torch.optim.AdamW(student_net.parameters(), lr=cfg.lr, weight_decay=0.0)   # fresh each round
         start, prev_seconds, round_t0 = 0, 0.0, time.time()
         if st is not None and int(st["round"]) == r:
