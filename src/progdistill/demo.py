@@ -10,13 +10,11 @@ import dataclasses
 import time
 from pathlib import Path
 
-import torch
-from PIL import Image, ImageDraw
 
 from .checkpoint import CARD, read_json, steps_folder_name
 from .config import DistillConfig, TrainConfig
 from .distill import distill
-from .images import image_grid
+from .images import side_by_side
 from .pipeline import load
 from .teacher import train
 
@@ -52,24 +50,6 @@ def _finished(run: Path, iters: int) -> bool:
 def _distill_finished(run: Path, final_steps: int) -> bool:
     p = run / CARD
     return p.is_file() and read_json(p).get("latest") == steps_folder_name(final_steps)
-
-
-def _labelled(img: Image.Image, label: str) -> Image.Image:
-    canvas = Image.new("RGB", (img.width, img.height + 16), "white")
-    canvas.paste(img.convert("RGB"), (0, 16))
-    ImageDraw.Draw(canvas).text((2, 2), label, fill="black")
-    return canvas
-
-
-def side_by_side(panels: list[tuple[str, torch.Tensor]], nrow: int) -> Image.Image:
-    """Labelled grids next to each other (same seeds, so sample k sits at the same place in each)."""
-    imgs = [_labelled(image_grid(x, nrow=nrow, scale=4), label) for label, x in panels]
-    out = Image.new("RGB", (sum(i.width for i in imgs) + 8 * (len(imgs) - 1), max(i.height for i in imgs)), "white")
-    x0 = 0
-    for img in imgs:
-        out.paste(img, (x0, 0))
-        x0 += img.width + 8
-    return out
 
 
 def write_grids(teacher_dir: Path, distill_dir: Path, out: Path, budget: DemoBudget, seed: int) -> list[Path]:

@@ -26,8 +26,9 @@ from .losses import weighted_x_loss
 from .models import ModelConfig, build_network, get_preset
 from .sampling import ddim_step
 from .schedules import Schedule, alpha_sigma
-from .training import (MetricsLog, generator_for, init_distributed, local_slice, lr_linear_decay, optimize,
-                       rng_state, seed_for, set_rng_state)
+from .seeds import generator_for, seed_for
+from .training import (MetricsLog, init_distributed, local_slice, lr_linear_decay, optimize,
+                       rng_state, set_rng_state)
 
 
 def _b(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

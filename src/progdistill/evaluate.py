@@ -35,7 +35,7 @@ from .data import load_data, sample_toy, toy_log_density
 from .errors import UserError
 from .pipeline import Model, generate, load
 from .schedules import alpha_sigma
-from .training import seed_for
+from .seeds import seed_for
 
 METHODS = ("pd", "ddim", "ancestral", "dpmpp2m")
 SAMPLER = {"pd": "ddim", "ddim": "ddim", "ancestral": "ancestral", "dpmpp2m": "dpmpp2m"}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -60,3 +60,39 @@ def save_samples(x: torch.Tensor, path: Path, *, title: str = "", nrow: int | No
     else:
         scatter_png(x, path, title=title)
     return path
+
+
+def _labelled(img: Image.Image, label: str) -> Image.Image:
+    """The picture with a one-line caption above it."""
+    canvas = Image.new("RGB", (img.width, img.height + 16), "white")
+    canvas.paste(img.convert("RGB"), (0, 16))
+    ImageDraw.Draw(canvas).text((2, 2), label, fill="black")
+    return canvas
+
+
+def side_by_side(panels: list[tuple[str, torch.Tensor]], nrow: int) -> Image.Image:
+    """Labelled grids next to each other (same seeds, so sample k sits at the same place in each)."""
+    imgs = [_labelled(image_grid(x, nrow=nrow, scale=4), label) for label, x in panels]
+    out = Image.new("RGB", (sum(i.width for i in imgs) + 8 * (len(imgs) - 1), max(i.height for i in imgs)), "white")
+    x0 = 0
+    for img in imgs:
+        out.paste(img, (x0, 0))
+        x0 += img.width + 8
+    return out
+
+
+def panels_png(panels: list[tuple[str, torch.Tensor]], path: Path) -> None:
+    """Labelled panels side by side: image grids, or 2-D scatter plots for vectors."""
+    if panels[0][1].dim() == 4:
+        side_by_side(panels, nrow=int(len(panels[0][1]) ** 0.5)).save(path)
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3), dpi=100)
+    for ax, (label, x) in zip(axes, panels):
+        ax.scatter(x[:, 0], x[:, 1], s=2)
+        ax.set(xlim=(-3, 3), ylim=(-3, 3), aspect="equal", title=label)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -20,23 +20,7 @@ from .checkpoint import ModelCard, load_denoiser
 from .denoiser import Denoiser
 from .errors import UserError
 from .sampling import SAMPLERS, check_num_steps, sample_ancestral, sample_ddim, sample_dpmpp_2m
-from .training import seed_for
-
-
-class PerSampleNoise:
-    """Gaussian noise from one generator per sample: seed_for(seed, k) for sample k."""
-
-    def __init__(self, sample_seeds: list[int], shape: tuple[int, ...], device: torch.device | str = "cpu"):
-        self.gens = [torch.Generator().manual_seed(s) for s in sample_seeds]
-        self.shape, self.device = tuple(shape), device
-
-    def __call__(self, step: int | None = None) -> torch.Tensor:
-        z = torch.stack([torch.randn(self.shape, generator=g) for g in self.gens])
-        return z.to(self.device)
-
-
-def sample_seeds(seed: int, indices: range | list[int]) -> list[int]:
-    return [seed_for(seed, k) for k in indices]
+from .seeds import PerSampleNoise, sample_seeds, seed_for
 
 
 def class_labels_for(card: ModelCard, indices: range | list[int], class_label: int | None) -> torch.Tensor | None:

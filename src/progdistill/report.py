@@ -15,6 +15,7 @@ from pathlib import Path
 from .checkpoint import CARD, read_json, steps_folder_name, write_json
 from .errors import UserError
 from .evaluate import ANCESTRAL_GRID, evaluate, fmt, resolve_run, teacher_samples
+from .images import panels_png
 
 NAMES = {"pd": "distilled (PD)", "ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)", "ancestral": "ancestral (tuned)"}
 ORDER = ["pd", "ddim", "dpmpp2m", "ancestral"]
@@ -119,26 +120,9 @@ def sample_grids(out: Path, distill: Path, steps: list[int], *, seed: int, count
                       (f"distilled {n}", student.sample(num=count, steps=n, seed=seed)),
                       (f"teacher DDIM {run.start_steps}", ref[:count])]
             path.parent.mkdir(parents=True, exist_ok=True)
-            _panels_png(panels, path)
+            panels_png(panels, path)
         grids[n] = path
     return grids
-
-
-def _panels_png(panels, path: Path) -> None:
-    if panels[0][1].dim() == 4:
-        from .demo import side_by_side
-        side_by_side(panels, nrow=int(len(panels[0][1]) ** 0.5)).save(path)
-        return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3), dpi=100)
-    for ax, (label, x) in zip(axes, panels):
-        ax.scatter(x[:, 0], x[:, 1], s=2)
-        ax.set(xlim=(-3, 3), ylim=(-3, 3), aspect="equal", title=label)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def cost_table(distill: Path) -> tuple[list[str], list[list[str]], str]:

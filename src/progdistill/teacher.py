@@ -19,8 +19,9 @@ from .errors import UserError
 from .losses import weighted_x_loss
 from .models import ModelConfig, Preset, build_network, count_parameters, get_preset
 from .schedules import Schedule, alpha_sigma
-from .training import (EMA, MetricsLog, init_distributed, generator_for, local_slice, lr_warmup_constant, optimize,
-                       rng_state, seed_for, set_rng_state)
+from .seeds import generator_for, seed_for
+from .training import (EMA, MetricsLog, init_distributed, local_slice, lr_warmup_constant, optimize,
+                       rng_state, set_rng_state)
 
 
 def default_preset(data_spec: str) -> str | None:

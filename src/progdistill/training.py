@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -56,15 +55,6 @@ def init_distributed() -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), device)
-
-
-def seed_for(*keys: int) -> int:
-    """A well-mixed 63-bit seed from integer keys (seed, step, ...)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0]) >> 1
-
-
-def generator_for(device: torch.device, *keys: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed_for(*keys))
 
 
 def local_slice(global_batch: int, dist_info: DistInfo, grad_accum: int, micro: int) -> slice:
