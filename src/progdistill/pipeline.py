@@ -5,7 +5,9 @@
     x = model.sample(num=16, seed=0)            # uses the step count it was distilled for
 
 Sample k's initial noise (and ancestral noise) comes from its own generator seeded by
-(seed, k), so sample k is the same whatever the batch size or number of processes.
+(seed, k), so sample k is the same whatever the batch size or number of processes. Pass
+`noise=z` (shape (num, *data shape)) to start from given initial noise instead, e.g. to reproduce
+a diffusers pipeline call; the ancestral sampler's per-step noise still comes from the seeds.
 """
 
 from __future__ import annotations
@@ -35,26 +37,62 @@ def class_labels_for(card: ModelCard, indices: range | list[int], class_label: i
     return torch.tensor([class_label if class_label is not None else k % num_classes for k in indices])
 
 
-def generate(denoiser: Denoiser, card: ModelCard, *, steps: int, num: int, seed: int = 0, sampler: str = "ddim",
-             logvar_frac: float = 0.0, class_label: int | None = None, batch_size: int = 500,
+def sampling_clip(card: ModelCard) -> tuple[bool, float]:
+    """(clip, range) as the model samples: the card's own values where it records them (imported
+    schedulers' clip_sample), else images clip x_pred to [-1, 1] and vectors do not."""
+    clip = getattr(card, "clip", None)
+    if clip is None:
+        clip = card.data.get("kind") == "image"
+    return bool(clip), float(getattr(card, "clip_range", None) or 1.0)
+
+
+def check_noise(noise, shape: tuple[int, ...], num: int | None) -> torch.Tensor:
+    """Initial noise z of shape (num, *shape) as float32; num follows z."""
+    z = torch.as_tensor(noise)
+    if not z.is_floating_point() or z.dim() != len(shape) + 1 or tuple(z.shape[1:]) != tuple(shape) or len(z) < 1:
+        raise UserError(f"noise must have shape (num, {', '.join(map(str, shape))}) for this model, "
+                        f"got {tuple(z.shape)}{'' if z.is_floating_point() else f' of dtype {z.dtype}'}")
+    if num is not None and num != len(z):
+        raise UserError(f"num={num} but noise holds {len(z)} samples; pass one of them (num follows noise)")
+    return z.float()
+
+
+def generate(denoiser: Denoiser, card: ModelCard, *, steps: int, num: int | None = None, seed: int = 0,
+             sampler: str = "ddim", logvar_frac: float = 0.0, class_label: int | None = None, batch_size: int = 500,
              device: torch.device | str = "cpu", clip: bool | None = None, start: int = 0,
-             progress: bool = False) -> torch.Tensor:
-    """Samples start..start+num-1 of seed `seed`; returns (num, *data shape) on the CPU."""
+             noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+    """Samples start..start+num-1 of seed `seed`; returns (num, *data shape) on the CPU.
+
+    `noise` (num, *data shape): the initial noise z_1 of those samples (row i is sample start+i)
+    instead of the seeded one; `num` then follows it. Batches slice it, so results do not depend on
+    `batch_size`. Ancestral per-step noise still comes from the per-sample seeds.
+    """
     check_num_steps(steps)
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
-    if num < 1:
-        raise UserError(f"--num must be a positive integer, got {num}")
     shape = tuple(card.data["shape"])
-    clip = card.clip if clip is None else clip
+    if noise is not None:
+        noise = check_noise(noise, shape, num)
+        num = len(noise)
+    if num is None or num < 1:
+        raise UserError(f"--num must be a positive integer, got {num}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be a positive integer, got {batch_size}")
+    default_clip, clip_range = sampling_clip(card)
+    clip = default_clip if clip is None else clip
     out = []
     for b0 in range(start, start + num, batch_size):
         idx = range(b0, min(b0 + batch_size, start + num))
         seeds = sample_seeds(seed, idx)
-        z_1 = PerSampleNoise(seeds, shape, device)()
+        if noise is None:
+            z_1 = PerSampleNoise(seeds, shape, device)()
+        else:
+            z_1 = noise[b0 - start:b0 - start + len(idx)].to(device)
         y = class_labels_for(card, idx, class_label)
         y = y.to(device) if y is not None else None
         kw = dict(schedule=card.schedule, num_steps=steps, class_labels=y, clip=clip, progress=progress)
+        if clip_range != 1.0:   # cards that record another range (imported schedulers); 1 is the samplers' default
+            kw["clip_range"] = clip_range
         if sampler == "ddim":
             x = sample_ddim(denoiser, z_1, **kw)
         elif sampler == "dpmpp2m":
@@ -76,10 +114,16 @@ class Model:
     path: Path
     device: torch.device
 
-    def sample(self, num: int = 16, *, steps: int | None = None, seed: int = 0, sampler: str = "ddim",
+    def sample(self, num: int | None = None, *, steps: int | None = None, seed: int = 0, sampler: str = "ddim",
                logvar_frac: float = 0.0, class_label: int | None = None, batch_size: int = 500,
-               progress: bool = False) -> torch.Tensor:
-        """Generate `num` samples in [-1, 1] (images (num, C, H, W); vectors (num, d))."""
+               noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+        """Generate `num` samples (default 16) in [-1, 1] (images (num, C, H, W); vectors (num, d)).
+
+        `noise`: initial noise of shape (num, *data shape) instead of the seeded one (num follows it),
+        e.g. `diffusers.utils.torch_utils.randn_tensor(shape, generator=g)` to match a diffusers call.
+        """
+        if num is None and noise is None:
+            num = 16
         if steps is None:
             steps = self.card.steps or 256
         if self.card.steps is not None and steps != self.card.steps:
@@ -87,7 +131,7 @@ class Model:
                           f"steps is not what it was trained for", stacklevel=2)
         return generate(self.denoiser, self.card, steps=steps, num=num, seed=seed, sampler=sampler,
                         logvar_frac=logvar_frac, class_label=class_label, batch_size=batch_size,
-                        device=self.device, progress=progress)
+                        device=self.device, noise=noise, progress=progress)
 
 
 def load(path: str | Path, *, device: str | torch.device | None = None, which: str | None = None) -> Model:
