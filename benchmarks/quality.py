@@ -24,7 +24,8 @@ import torch
 
 from progdistill.checkpoint import CARD, read_json, write_json
 from progdistill.data import load_data
-from progdistill.evaluate import Scorer, cache_dir, evaluate, resolve_run, teacher_samples
+from progdistill.evaluate import cache_dir, evaluate, resolve_run, teacher_samples
+from progdistill.scoring import Scorer
 from progdistill.pipeline import load
 from progdistill.report import locate
 

@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 from scipy.stats import multivariate_normal
 
-from progdistill import data as D
-from progdistill.data import (TOY_NAMES, Dataset, digits_split, load_data, random_hflip, sample_toy,
-                              toy_log_density)
+from progdistill import cifar10 as C
+from progdistill import toy as D
+from progdistill.data import Dataset, digits_split, load_data, random_hflip
+from progdistill.toy import TOY_NAMES, sample_toy, toy_log_density
 from progdistill.errors import UserError
 
 
@@ -265,7 +266,7 @@ def _cifar_dir(tmp_path: Path) -> tuple[Path, dict]:
     root.mkdir()
     batches = {name: _cifar_batch(root / name, k, i, protocol=2 + 3 * (i % 2))
                for i, (name, k) in enumerate([("data_batch_2", 3), ("data_batch_1", 4), ("test_batch", 2)])}
-    names = [n.encode() for n in D.CIFAR10_CLASSES]
+    names = [n.encode() for n in C.CIFAR10_CLASSES]
     names[0] = b"plane"
     with open(root / "batches.meta", "wb") as f:
         pickle.dump({b"label_names": names, b"num_vis": 3072}, f, protocol=2)

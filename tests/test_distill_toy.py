@@ -4,7 +4,7 @@ the teacher's own 256-step DDIM samples (not merely better than its 1-step DDIM,
 import torch
 
 from progdistill.config import DistillConfig, TrainConfig
-from progdistill.data import sample_toy
+from progdistill.toy import sample_toy
 from progdistill.distill import distill
 from progdistill.metrics import energy_distance, sliced_wasserstein
 from progdistill.pipeline import load

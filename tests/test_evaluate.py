@@ -11,7 +11,10 @@ from gaussian import GaussianDenoiser
 from progdistill import cli
 from progdistill import evaluate as ev
 from progdistill.config import DistillConfig, TrainConfig
-from progdistill.data import load_data, sample_toy, toy_log_density
+from progdistill import scoring
+from progdistill.data import load_data
+from progdistill.likelihood import ode_nll
+from progdistill.toy import sample_toy, toy_log_density
 from progdistill.distill import distill
 from progdistill.errors import UserError
 from progdistill.pipeline import load
@@ -37,7 +40,7 @@ DIGIT_METRICS = ["fd_pixel", "fd_feature", "precision", "recall", "class_coverag
 
 def test_digits_metrics_known_answers():
     held = load_data("digits", split="heldout")
-    scorer = ev.Scorer("digits", "digits", DIGIT_METRICS, (1, 8, 8), num=500, seed=0, cache=ev.cache_dir(),
+    scorer = scoring.Scorer("digits", "digits", DIGIT_METRICS, (1, 8, 8), num=500, seed=0, cache=ev.cache_dir(),
                        log=lambda s: None)
     same = scorer(held.x)                       # the reference against itself
     assert abs(same["fd_pixel"]) < 1e-6 and abs(same["fd_feature"]) < 1e-4
@@ -52,7 +55,7 @@ def test_digits_metrics_known_answers():
 
 
 def test_toy_metrics_known_answers():
-    scorer = ev.Scorer("toy:gmm", "toy", ["sw", "energy", "xent_true"], (2,), num=2000, seed=0, cache=None)
+    scorer = scoring.Scorer("toy:gmm", "toy", ["sw", "energy", "xent_true"], (2,), num=2000, seed=0, cache=None)
     true = sample_toy("gmm", 2000, torch.Generator().manual_seed(123))   # a true sampler, other draw
     good, bad = scorer(true), scorer(true + 0.5)
     assert good["sw"] < 0.1 and abs(good["energy"]) < 0.01        # finite-sample noise only
@@ -65,7 +68,7 @@ def test_toy_metrics_known_answers():
 def test_ode_nll_matches_gaussian_closed_form():
     s = 0.5
     x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)) * s
-    nll, nfe = ev.ode_nll(GaussianDenoiser(0.0, s), Schedule(), x)
+    nll, nfe = ode_nll(GaussianDenoiser(0.0, s), Schedule(), x)
     exact = 0.5 * (x.double() ** 2).sum(1).numpy() / s**2 + math.log(2 * math.pi * s**2)
     np.testing.assert_allclose(nll, exact, atol=2e-3)
     assert nfe > 10
@@ -126,8 +129,8 @@ def test_teacher_samples_cache_reused_and_extended(runs, monkeypatch):
 
 def test_ancestral_tuning_uses_the_training_split(runs, monkeypatch):
     splits = []
-    real = ev.load_data
-    monkeypatch.setattr(ev, "load_data", lambda spec, **k: splits.append(k.get("split")) or real(spec, **k))
+    real = scoring.load_data
+    monkeypatch.setattr(scoring, "load_data", lambda spec, **k: splits.append(k.get("split")) or real(spec, **k))
     run = ev.resolve_run(runs / "dd")
     teacher = load(run.teacher, device="cpu")
     frac = ev.tune_ancestral(run, teacher, 2, spec="digits", family="digits", grid=(0.0, 0.5), num=48, seed=0,

@@ -8,11 +8,7 @@ Every problem with the user's data raises :class:`UserError` with a one-line mes
 from __future__ import annotations
 
 import functools
-import importlib
-import math
 import os
-import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,36 +16,18 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from progdistill.errors import UserError
+from .cifar10 import read_cifar10
+from .errors import UserError, one_line, require_path
+from .toy import TOY_NAMES, sample_toy, toy_name
 
 SCHEMES = ("digits", "toy:NAME", "folder:PATH", "npz:PATH", "cifar10:PATH")
 SPLITS = ("train", "heldout", "test", "all")  # "test" is an alias of "heldout"
-TOY_NAMES = ("gmm", "moons", "checkerboard", "rings")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 DIGITS_HELDOUT = 500  # fixed stratified hold-out of sklearn's 1,797 digits (random_state=0)
 TOY_TRAIN_SIZE = 50_000  # fixed training set drawn with `seed`
 TOY_HELDOUT_SIZE = 10_000  # fixed held-out set drawn with seed + TOY_HELDOUT_SEED_OFFSET
 TOY_HELDOUT_SEED_OFFSET = 1_000_003
-
-# gmm: GMM_COMPONENTS equal-weight isotropic Gaussians with means on a circle of radius
-# GMM_RADIUS (first at angle 0) and std GMM_STD; per-coordinate variance R^2/2 + s^2 = 0.99.
-GMM_COMPONENTS = 8
-GMM_RADIUS = 1.4
-GMM_STD = 0.1
-# moons: sklearn make_moons(noise=MOONS_NOISE), standardised with its analytic mean/std.
-MOONS_NOISE = 0.05
-MOONS_MEAN = (0.5, 0.25)
-MOONS_STD = (math.sqrt(0.75 + MOONS_NOISE**2), math.sqrt(0.5625 - 1 / math.pi + MOONS_NOISE**2))
-# checkerboard: uniform on the 8 cells of a 4x4 board over [-2, 2]^2 with floor(x)+floor(y)
-# even, scaled by CHECKER_SCALE so that each coordinate is uniform with std exactly 1.
-CHECKER_SCALE = math.sqrt(3) / 2
-# rings: a radius drawn uniformly from RINGS_RADII, a uniform angle, Gaussian noise RINGS_NOISE.
-RINGS_RADII = (0.5, 1.0, 1.5, 2.0)
-RINGS_NOISE = 0.05
-
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck"]
 
 
 @dataclass
@@ -70,20 +48,6 @@ class Dataset:
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
-def _require_path(spec: str, path: Path, *, is_dir: bool) -> None:
-    if not path.exists():
-        raise UserError(f"{spec}: {path} does not exist; check the path")
-    if is_dir and not path.is_dir():
-        raise UserError(f"{spec}: {path} is not a folder; give a folder of images")
-    if not is_dir and not path.is_file():
-        raise UserError(f"{spec}: {path} is not a file; give the path of a file")
 
 
 def _check_image_shape(spec: str, x: torch.Tensor, resolution: int | None, channels: int | None) -> None:
@@ -141,65 +105,8 @@ def _load_digits(spec: str, split: str, resolution: int | None, channels: int | 
     return Dataset(x, y, 10, "image", spec, [str(i) for i in range(10)])
 
 
-# ----------------------------------------------------------------------------------- toys
-def _toy_name(name: str) -> str:
-    name = name.removeprefix("toy:")
-    if name not in TOY_NAMES:
-        raise UserError(f"unknown toy data set {name!r}; use one of {', '.join(TOY_NAMES)}")
-    return name
-
-
-def _gmm_means(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    ang = torch.arange(GMM_COMPONENTS, dtype=torch.float64) * (2 * math.pi / GMM_COMPONENTS)
-    return (GMM_RADIUS * torch.stack([ang.cos(), ang.sin()], 1)).to(device=device, dtype=dtype)
-
-
-def sample_toy(name: str, n: int, generator: torch.Generator) -> torch.Tensor:
-    """Fresh float32 (n, 2) draws of toy distribution ``name`` on the generator's device."""
-    name = _toy_name(name)
-    g, dev = generator, generator.device
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.rand(*shape, generator=g, device=dev)
-
-    def randint(high: int) -> torch.Tensor:
-        return torch.randint(0, high, (n,), generator=g, device=dev)
-
-    if name == "gmm":
-        x = _gmm_means(dev)[randint(GMM_COMPONENTS)] + GMM_STD * torch.randn(n, 2, generator=g, device=dev)
-    elif name == "moons":
-        from sklearn.datasets import make_moons
-
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=dev))
-        pts, _ = make_moons(n, noise=MOONS_NOISE, random_state=seed)
-        pts = (pts - np.array(MOONS_MEAN)) / np.array(MOONS_STD)
-        x = torch.from_numpy(pts.astype(np.float32)).to(dev)
-    elif name == "checkerboard":
-        x1 = rand(n) * 4 - 2
-        x2 = rand(n) + 2 * randint(2) - 2 + torch.floor(x1).remainder(2)
-        x = torch.stack([x1, x2], 1) * CHECKER_SCALE
-    else:  # rings
-        r = torch.tensor(RINGS_RADII, device=dev)[randint(len(RINGS_RADII))]
-        ang = rand(n) * 2 * math.pi
-        x = torch.stack([r * ang.cos(), r * ang.sin()], 1)
-        x = x + RINGS_NOISE * torch.randn(n, 2, generator=g, device=dev)
-    return x.float().contiguous()
-
-
-def toy_log_density(name: str, x: torch.Tensor) -> torch.Tensor:
-    """Exact log p(x) for points x (..., 2); only ``gmm`` has a closed form here."""
-    name = _toy_name(name)
-    if name != "gmm":
-        raise UserError(f"no exact log density for toy:{name}; it is only available for toy:gmm")
-    dtype = x.dtype if x.is_floating_point() else torch.float32
-    mu = _gmm_means(x.device, dtype)
-    sq = ((x.to(dtype).unsqueeze(-2) - mu) ** 2).sum(-1)  # (..., K)
-    log_comp = -sq / (2 * GMM_STD**2) - math.log(2 * math.pi * GMM_STD**2)
-    return torch.logsumexp(log_comp, -1) - math.log(GMM_COMPONENTS)
-
-
 def _load_toy(spec: str, name: str, split: str, seed: int) -> Dataset:
-    name = _toy_name(name)
+    name = toy_name(name)
     if split == "heldout":
         n, gen_seed = TOY_HELDOUT_SIZE, seed + TOY_HELDOUT_SEED_OFFSET
     else:  # "train" and "all" give the fixed training set
@@ -218,7 +125,7 @@ def _read_image(path: Path, resolution: int, mode: str) -> np.ndarray:
                 img = img.convert("RGBA")
             img = img.convert(mode)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise UserError(f"cannot read image {path}: {_one_line(err)}; fix or remove the file") from None
+        raise UserError(f"cannot read image {path}: {one_line(err)}; fix or remove the file") from None
     w, h = img.size
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
@@ -237,7 +144,7 @@ def _load_folder(spec: str, root: Path, split: str, resolution: int | None, chan
     if split not in ("train", "all"):
         raise UserError(f"{spec}: a folder has no {split!r} split; "
                         f"point a second folder: spec at held-out images")
-    _require_path(spec, root, is_dir=True)
+    require_path(spec, root, is_dir=True)
     files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -264,7 +171,7 @@ def _load_npz(spec: str, path: Path, split: str, resolution: int | None, channel
     if split not in ("train", "all"):
         raise UserError(f"{spec}: an npz file has no {split!r} split; "
                         f"point a second npz: spec at held-out data")
-    _require_path(spec, path, is_dir=False)
+    require_path(spec, path, is_dir=False)
     try:
         with open(path, "rb") as fh:
             npz = np.load(fh, allow_pickle=False)
@@ -274,7 +181,7 @@ def _load_npz(spec: str, path: Path, split: str, resolution: int | None, channel
             arr = npz[names[0]] if names else None
             labels = npz["y"] if "y" in npz.files else None
     except Exception as err:  # zipfile/pickle/format errors all mean "not a usable .npz"
-        raise UserError(f"{spec}: cannot read {path} as .npz ({_one_line(err)}); "
+        raise UserError(f"{spec}: cannot read {path} as .npz ({one_line(err)}); "
                         f"save it with np.savez") from None
     if arr is None:
         raise UserError(f"{spec}: {path} holds no arrays; save one with np.savez(path, x=..., y=...)")
@@ -309,79 +216,11 @@ def _load_npz(spec: str, path: Path, split: str, resolution: int | None, channel
 
 
 # ------------------------------------------------------------------------------- cifar10
-_PICKLE_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles plain containers and numpy arrays only; any other global is refused."""
-
-    def __init__(self, file, path: Path) -> None:  # noqa: ANN001
-        super().__init__(file, encoding="bytes")
-        self.path = path
-
-    def find_class(self, module: str, name: str):  # noqa: ANN201
-        if (module, name) not in _PICKLE_ALLOWED:
-            raise UserError(f"{self.path}: the CIFAR-10 loader refuses to unpickle {module}.{name}; "
-                            f"only numpy arrays are allowed, so this is not a CIFAR-10 python batch")
-        if module.startswith("numpy.core"):
-            try:  # numpy >= 2 renamed numpy.core to numpy._core
-                return getattr(importlib.import_module("numpy._core" + module[10:]), name)
-            except ImportError:
-                pass
-        return getattr(importlib.import_module(module), name)
-
-
-def _unpickle(spec: str, path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            obj = _RestrictedUnpickler(f, path).load()
-    except UserError:
-        raise
-    except Exception as err:
-        raise UserError(f"{spec}: cannot read {path} ({_one_line(err)}); "
-                        f"re-download CIFAR-10 (python version)") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{spec}: {path} does not hold a dict; it is not a CIFAR-10 python batch")
-    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
-
-
 def _load_cifar10(spec: str, root: Path, split: str, resolution: int | None, channels: int | None) -> Dataset:
-    _require_path(spec, root, is_dir=True)
-    train = sorted((p for p in root.iterdir() if re.fullmatch(r"data_batch_\d+", p.name)),
-                   key=lambda p: int(p.name.rsplit("_", 1)[1]))
-    test = [root / "test_batch"] if (root / "test_batch").is_file() else []
-    files = {"train": train, "heldout": test, "all": train + test}[split]
-    if not files:
-        want = "data_batch_1..5" if split == "train" else "test_batch"
-        raise UserError(f"{spec}: no CIFAR-10 batches ({want}) in {root}; "
-                        f"extract cifar-10-python.tar.gz there")
-    class_names = list(CIFAR10_CLASSES)
-    if (root / "batches.meta").is_file():
-        names = _unpickle(spec, root / "batches.meta").get("label_names")
-        if isinstance(names, list) and names:
-            class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
-    xs, ys = [], []
-    for path in files:
-        batch = _unpickle(spec, path)
-        data, labels = batch.get("data"), batch.get("labels")
-        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] == (3072,)):
-            raise UserError(f"{spec}: {path} has no uint8 (n, 3072) 'data' array; it is not a CIFAR-10 batch")
-        try:
-            labels = np.asarray(labels, dtype=np.int64)
-        except (TypeError, ValueError):
-            labels = np.full(1, -1)  # reported below
-        if labels.shape != (len(data),) or ((labels < 0) | (labels >= len(class_names))).any():
-            raise UserError(f"{spec}: {path} needs {len(data)} labels in 0..{len(class_names) - 1}; "
-                            f"the batch is corrupt, re-download it")
-        xs.append(data.reshape(-1, 3, 32, 32))
-        ys.append(labels)
-    x = _to_images(spec, np.concatenate(xs))
+    arr, labels, class_names = read_cifar10(spec, root, split)
+    x = _to_images(spec, arr)
     _check_image_shape(spec, x, resolution, channels)
-    return Dataset(x, torch.from_numpy(np.concatenate(ys)), len(class_names), "image", spec, class_names)
+    return Dataset(x, torch.from_numpy(labels), len(class_names), "image", spec, class_names)
 
 
 # ---------------------------------------------------------------------------------- API

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import math
 import os
 import time
@@ -31,11 +30,11 @@ from tqdm.auto import tqdm
 
 from . import metrics as M
 from .checkpoint import CARD, parse_steps_folder, read_json, write_json
-from .data import load_data, sample_toy, toy_log_density
+from .toy import toy_log_density
 from .errors import UserError
 from .pipeline import Model, generate, load
-from .schedules import alpha_sigma
-from .seeds import seed_for
+from .likelihood import ode_nll
+from .scoring import Scorer
 
 METHODS = ("pd", "ddim", "ancestral", "dpmpp2m")
 SAMPLER = {"pd": "ddim", "ddim": "ddim", "ancestral": "ancestral", "dpmpp2m": "dpmpp2m"}
@@ -126,88 +125,6 @@ def check_request(run: Run, family: str, methods, steps, metrics, spec: str) -> 
     return methods, steps, metrics
 
 
-# --------------------------------------------------------------------------------- scoring
-@functools.lru_cache(maxsize=4)
-def digits_classifier(cache: Path):
-    """The digits classifier, trained only on the 1,297 training digits (deterministic; cached)."""
-    from .classifier import train_digits_classifier
-    train = load_data("digits", split="train")
-    return train_digits_classifier(train.x, train.y, seed=0, cache_path=cache / "digits-classifier.safetensors")
-
-
-_ACCURACY_SHOWN: set = set()
-
-
-class Scorer:
-    """Metric values of a sample set against a reference split (held-out for evaluation, train for tuning)."""
-
-    def __init__(self, spec: str, family: str, metrics: list[str], shape, *, split: str = "heldout", num: int,
-                 seed: int, cache: Path, inception=None, allow_download: bool = True, log=print):
-        self.spec, self.family, self.metrics = spec, family, [m for m in metrics if m not in ("psnr_teacher", "nll")]
-        res, ch = (shape[1], shape[0]) if family == "image" else (None, None)
-        if family == "toy":
-            ref = (sample_toy(spec, num, torch.Generator().manual_seed(seed_for(seed, 7919))) if split == "heldout"
-                   else load_data(spec, split="train", seed=seed).x[:num])
-        else:
-            try:
-                ref = load_data(spec, split=split, resolution=res, channels=ch).x
-            except UserError:
-                if split == "train":
-                    raise
-                log(f"{spec} has no held-out split: scoring against its training split")
-                ref = load_data(spec, split="train", resolution=res, channels=ch).x
-        if tuple(ref.shape[1:]) != tuple(shape):
-            raise UserError(f"--data {spec} has shape {tuple(ref.shape[1:])} but the model makes {tuple(shape)}")
-        self.ref = ref
-        if "fd_pixel" in self.metrics:
-            self.ref_pixel = M.gaussian_stats(ref.reshape(len(ref), -1))
-        if family == "digits" and {"fd_feature", "precision", "recall", "class_coverage", "class_entropy"} & set(metrics):
-            self.clf = digits_classifier(cache)
-            self.ref_feat = self.clf.features(ref)
-            self.ref_feat_stats = M.gaussian_stats(self.ref_feat)
-            if split == "heldout" and cache not in _ACCURACY_SHOWN:
-                _ACCURACY_SHOWN.add(cache)
-                held = load_data("digits", split="heldout")
-                acc = (self.clf.predict(held.x) == held.y).double().mean().item()
-                log(f"digits classifier: held-out accuracy {acc:.3f} (trained on the 1,297 training digits)")
-        if "fid" in self.metrics:
-            from . import fid
-            self.detector = fid.load_inception(inception, allow_download=allow_download)
-            fid_split = split if family == "digits" else "train"
-            name = "".join(c if c.isalnum() or c in "._-" else "_" for c in f"{spec}-{fid_split}")
-            self.fid_ref = fid.reference_stats(
-                name, lambda: ref if fid_split == split else load_data(spec, split=fid_split, resolution=res,
-                                                                       channels=ch).x, self.detector, cache)
-
-    def __call__(self, x: torch.Tensor) -> dict:
-        m, out = self.metrics, {}
-        flat = x.reshape(len(x), -1)
-        if "fd_pixel" in m:
-            out["fd_pixel"] = M.frechet_distance(*M.gaussian_stats(flat), *self.ref_pixel)
-        if hasattr(self, "clf"):
-            feats = self.clf.features(x)
-            if "fd_feature" in m:
-                out["fd_feature"] = M.frechet_distance(*M.gaussian_stats(feats), *self.ref_feat_stats)
-            if "precision" in m or "recall" in m:
-                p, r = M.precision_recall(self.ref_feat, feats, k=3)
-                out.update({k: v for k, v in (("precision", p), ("recall", r)) if k in m})
-            pred = self.clf.predict(x)
-            if "class_coverage" in m:
-                out["class_coverage"] = M.class_coverage(pred, 10)
-            if "class_entropy" in m:
-                out["class_entropy"] = M.class_entropy(pred, 10)
-        if "fid" in m:
-            from .fid import fid_from_features, inception_features
-            out["fid"] = fid_from_features(inception_features(x, self.detector), *self.fid_ref)
-        if "sw" in m:
-            out["sw"] = M.sliced_wasserstein(x, self.ref, seed=0)
-        if "energy" in m:
-            out["energy"] = M.energy_distance(x, self.ref)
-        if "xent_true" in m:
-            out["xent_true"] = float(-toy_log_density(self.spec, x.double()).mean())
-        return out
-
-
 # ------------------------------------------------------------------------------- sampling
 def timed_generate(model: Model, *, steps: int, sampler: str, num: int, seed: int, logvar_frac: float = 0.0,
                    batch_size: int = 500, start: int = 0) -> tuple[torch.Tensor, float]:
@@ -277,35 +194,6 @@ def tune_ancestral(run: Run, teacher: Model, steps: int, *, spec: str, family: s
     log(f"ancestral {steps} steps: logvar_frac {best} ({metric} on train: "
         + ", ".join(f"{g:g}->{s:.3g}" for g, s in zip(grid, scores)) + ")")
     return best
-
-
-def ode_nll(denoiser, schedule, x: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5) -> tuple[np.ndarray, int]:
-    """Model NLL -log p(x) per point (nats) through the probability-flow ODE, exact divergence (low-dim vectors).
-
-    In logSNR the DDIM ODE is dz/dlambda = alpha/2 (x_pred - alpha z) (from d(z/sigma)/d(alpha/sigma) = x_pred);
-    log p_0(x) = log N(z_1; 0, sigma_1^2 I) - int_{lambda_min}^{lambda_max} div dz/dlambda. Returns (nll, NFE).
-    """
-    from scipy.integrate import solve_ivp
-    x = torch.as_tensor(x, dtype=torch.float32).reshape(len(x), -1)
-    n, d = x.shape
-    lam_max = float(schedule.logsnr(torch.tensor(0.0, dtype=torch.float64)))
-    lam_min = float(schedule.logsnr(torch.tensor(1.0, dtype=torch.float64)))
-
-    def f(lam, state):
-        z = torch.from_numpy(state[:n * d].reshape(n, d)).float().requires_grad_(True)
-        with torch.enable_grad():
-            xp = denoiser(z, torch.full((n,), lam, dtype=torch.float32), None)
-            div = sum(torch.autograd.grad(xp[:, i].sum(), z, retain_graph=i < d - 1)[0][:, i] for i in range(d))
-        alpha = math.sqrt(1 / (1 + math.exp(-lam)))
-        v = 0.5 * alpha * (xp.detach() - alpha * z.detach())
-        return np.concatenate([v.double().numpy().ravel(), (0.5 * alpha * (div.detach().double() - alpha * d)).numpy()])
-
-    sol = solve_ivp(f, (lam_max, lam_min), np.concatenate([x.double().numpy().ravel(), np.zeros(n)]),
-                    method="RK45", rtol=rtol, atol=atol)
-    z1, int_div = sol.y[:n * d, -1].reshape(n, d), sol.y[n * d:, -1]
-    var1 = float(alpha_sigma(torch.tensor(lam_min, dtype=torch.float64))[1] ** 2)
-    logp1 = -0.5 * (z1 ** 2).sum(1) / var1 - 0.5 * d * math.log(2 * math.pi * var1)
-    return -(logp1 + int_div), int(sol.nfev)
 
 
 # ------------------------------------------------------------------------------- evaluate
