@@ -253,3 +253,127 @@ def test_to_dict_round_trip(sched):
     assert back == sched
     t = dense_t(101)
     assert torch.equal(back.logsnr(t), sched.logsnr(t))
+
+
+# ---------------------------------------------------------------- exact time inputs, table export, zero terminal SNR
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@pytest.mark.parametrize("sched", [Schedule(), Schedule(kind="discrete", betas=linear_betas(1000)),
+                                   Schedule(kind="discrete", betas=linear_betas(1024))], ids=["cosine", "ddpm1000", "ddpm1024"])
+def test_time_input_is_an_exact_integer_at_every_grid_point(sched):
+    """tau = T t - 1 from float64 lambda: whole timesteps exactly, for every N dividing T (1000 and 1024).
+
+    A float32 round trip of t left ~6e-5 here for T = 1000; diffusers feeds the UNet the integers themselves.
+    """
+    T = sched.num_train_timesteps
+    for n in divisors(T):
+        t = time_grid(n)[:-1]  # t = 1 .. 1/N; t = 0 is never fed to the network
+        tau = sched.time_input(sched.logsnr(t))
+        assert tau.dtype == torch.float32
+        assert torch.equal(tau, (T * t - 1.0).round().float()), n
+
+
+def test_discrete_diffusers_betas_give_back_the_table():
+    betas = linear_betas(1000)
+    s = Schedule(kind="discrete", betas=betas)
+    assert s.diffusers_betas() == list(betas)
+    assert s.diffusers_betas(1000) == list(betas)
+    with pytest.raises(UserError, match="num_train_timesteps"):
+        s.diffusers_betas(1024)
+
+
+def zero_snr_betas(T: int = 1000) -> tuple[float, ...]:
+    from diffusers import DDPMScheduler
+
+    return tuple(DDPMScheduler(num_train_timesteps=T, rescale_betas_zero_snr=True).betas.double().tolist())
+
+
+def test_zero_terminal_snr_table_is_accepted_and_has_no_nan():
+    betas = zero_snr_betas()
+    assert betas[-1] == 1.0
+    s = Schedule(kind="discrete", betas=betas)
+    assert s.zero_terminal_snr and not Schedule(kind="discrete", betas=linear_betas(1000)).zero_terminal_snr
+    t = torch.linspace(0.0, 1.0, 100001, dtype=F64)
+    lam = s.logsnr(t)
+    assert not bool(lam.isnan().any())
+    assert bool(torch.isfinite(lam[:-1]).all()) and lam[-1].item() == -math.inf
+    assert bool((lam[1:] <= lam[:-1]).all())
+    # lambda -> t is the exact inverse everywhere on [1/T, 1], including the last segment and t = 1
+    back = s.t_from_logsnr(lam)
+    inside = t >= 1.0 / 1000
+    assert (back[inside] - t[inside]).abs().max().item() < 1e-10
+    tau = s.time_input(lam)
+    assert not bool(tau.isnan().any()) and tau[-1].item() == 999.0
+    # the last segment is linear in abar: abar(t) = abar_{T-2} (1 - w), w = T t - (T - 1)
+    abar = abar_from_betas(betas)
+    last = torch.tensor([0.9991, 0.9995, 0.9999], dtype=F64)
+    w = 1000 * last - 999
+    assert torch.allclose(torch.sigmoid(s.logsnr(last)), abar[-2] * (1 - w), rtol=1e-9, atol=0)
+    # lambda = -inf: t = 1, tau = T - 1; alpha = 0, sigma = 1
+    inf = torch.tensor([-math.inf], dtype=F64)
+    assert s.t_from_logsnr(inf).item() == 1.0 and s.time_input(inf).item() == 999.0
+    alpha, sigma = alpha_sigma(inf.float())
+    assert alpha.item() == 0.0 and sigma.item() == 1.0
+    # the knots are the table's (and diffusers' alphas_cumprod, abar_{T-1} = 0)
+    knots = torch.arange(1, 1001, dtype=F64) / 1000
+    assert torch.allclose(torch.sigmoid(s.logsnr(knots)), abar, rtol=1e-12, atol=0)
+    assert s.diffusers_betas() == list(betas)
+
+
+def test_samplers_step_from_zero_terminal_snr_without_nan():
+    """DDIM, ancestral and DPM-Solver++ start at lambda = -inf (alpha = 0): finite, and DDIM's first step is exact."""
+    from progdistill.sampling import ddim_step, sample_ancestral, sample_ddim, sample_dpmpp_2m
+
+    s = Schedule(kind="discrete", betas=zero_snr_betas())
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(6, 3, generator=g, dtype=F64)
+    x0 = torch.full((6, 3), 0.25, dtype=F64)
+    const = lambda z, lam, y: x0.to(z.dtype).expand_as(z)  # noqa: E731
+    lam1, lam_half = s.logsnr(torch.tensor([1.0, 0.5], dtype=F64))
+    # from alpha_t = 0: eps = z_t, so z_s = alpha_s x + sigma_s z_t
+    a_s, s_s = alpha_sigma(lam_half)
+    assert torch.allclose(ddim_step(z1, x0, logsnr_t=lam1, logsnr_s=lam_half), a_s * x0 + s_s * z1, atol=1e-12)
+    for n in (1, 2, 4, 8):
+        for out in (sample_ddim(const, z1, schedule=s, num_steps=n, clip=False),
+                    sample_dpmpp_2m(const, z1, schedule=s, num_steps=n, clip=False),
+                    sample_ancestral(const, z1, schedule=s, num_steps=n, clip=False,
+                                     noise=lambda i: torch.randn(6, 3, generator=g, dtype=F64))):
+            assert torch.allclose(out, x0)
+
+
+def test_clip_range_clamps_x_pred():
+    from progdistill.sampling import sample_ddim
+
+    s = Schedule()
+    z1 = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
+    wide = lambda z, lam, y: 5.0 * torch.ones_like(z)  # noqa: E731
+    assert torch.equal(sample_ddim(wide, z1, schedule=s, num_steps=1), torch.ones_like(z1))
+    assert torch.equal(sample_ddim(wide, z1, schedule=s, num_steps=1, clip_range=2.5), torch.full_like(z1, 2.5))
+    assert torch.equal(sample_ddim(wide, z1, schedule=s, num_steps=1, clip=False, clip_range=2.5), 5.0 * torch.ones_like(z1))
+
+
+def test_samplers_hand_the_denoiser_float64_logsnr():
+    from progdistill.sampling import sample_ddim
+
+    seen = []
+    s = Schedule(kind="discrete", betas=linear_betas(1000))
+
+    def rec(z, lam, y):
+        seen.append(lam)
+        return torch.zeros_like(z)
+
+    sample_ddim(rec, torch.zeros(2, 1, 2, 2), schedule=s, num_steps=8)
+    assert all(lam.dtype == F64 for lam in seen)
+    assert torch.equal(s.time_input(torch.stack([lam[0] for lam in seen])), torch.arange(999.0, 0, -125))
+
+
+def test_zero_snr_validation():
+    with pytest.raises(UserError, match="last entry"):
+        Schedule(kind="discrete", betas=(0.1, 1.0, 0.5))
+    with pytest.raises(UserError):
+        Schedule(kind="discrete", betas=(0.1, 1.5))
+    Schedule(kind="discrete", betas=(0.1, 0.2, 1.0))

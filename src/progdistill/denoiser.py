@@ -2,7 +2,9 @@
 
 `Denoiser(z_t, logsnr_t, class_labels) -> x_pred`: maps logSNR to the network's time input
 tau = T t(lambda) - 1 (method.md §8) and turns the raw output into x_pred for the
-parameterization (method.md §2). The network never sees the schedule.
+parameterization (method.md §2). The network never sees the schedule. tau is computed from
+lambda at its own precision (the samplers pass float64, so grid points give whole timesteps);
+alpha and sigma in float32. lambda = -inf (zero terminal SNR) gives alpha = 0, sigma = 1.
 """
 
 from __future__ import annotations

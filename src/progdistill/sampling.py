@@ -62,17 +62,22 @@ def ancestral_step(z_t: torch.Tensor, x_pred: torch.Tensor, noise: torch.Tensor,
     alpha_t, sigma_t = alpha_sigma(lt)
     alpha_s, sigma_s = alpha_sigma(ls)
     r = torch.exp(lt - ls)
-    mean = r * (alpha_s / alpha_t) * z_t + (1.0 - r) * alpha_s * x_pred
+    # r alpha_s / alpha_t = alpha_t sigma_s^2 / (sigma_t^2 alpha_s): finite (0) at alpha_t = 0 (lambda_t = -inf)
+    mean = (alpha_t * sigma_s**2 / (sigma_t**2 * alpha_s)) * z_t + (1.0 - r) * alpha_s * x_pred
     log_small = torch.log1p(-r) + 2.0 * torch.log(sigma_s)
     log_large = torch.log1p(-r) + 2.0 * torch.log(sigma_t)
     logvar = logvar_frac * log_large + (1.0 - logvar_frac) * log_small
     return mean + torch.exp(0.5 * logvar) * noise
 
 
-def _predict(denoiser: DenoiserFn, z: torch.Tensor, logsnr: torch.Tensor, class_labels, clip: bool) -> torch.Tensor:
-    logsnr = logsnr.to(torch.promote_types(z.dtype, torch.float32))   # never round the time input to bf16
+def _predict(denoiser: DenoiserFn, z: torch.Tensor, logsnr: torch.Tensor, class_labels, clip: bool,
+             clip_range: float = 1.0) -> torch.Tensor:
+    """x_pred = D(z_t, lambda_t), clamped to [-r, r] when clipping (diffusers' clip_sample_range).
+
+    lambda stays float64 (the grid's own precision), so the time input tau = T t - 1 is exact."""
+    logsnr = logsnr.to(torch.float64)
     x_pred = denoiser(z, logsnr.expand(z.shape[0]).to(z.device), class_labels)
-    return x_pred.clamp(-1.0, 1.0) if clip else x_pred
+    return x_pred.clamp(-clip_range, clip_range) if clip else x_pred
 
 
 def _pairs(schedule: Schedule, num_steps: int, progress: bool, desc: str):
@@ -83,12 +88,13 @@ def _pairs(schedule: Schedule, num_steps: int, progress: bool, desc: str):
 
 @torch.no_grad()
 def sample_ddim(denoiser: DenoiserFn, z_1: torch.Tensor, *, schedule: Schedule, num_steps: int,
-                class_labels: torch.Tensor | None = None, clip: bool = True, progress: bool = False) -> torch.Tensor:
+                class_labels: torch.Tensor | None = None, clip: bool = True, clip_range: float = 1.0,
+                progress: bool = False) -> torch.Tensor:
     """N-step deterministic DDIM from t = 1 to 0; the last step returns x_pred (N network calls)."""
     z = z_1
     pairs = _pairs(schedule, num_steps, progress, f"DDIM {num_steps}")
     for i, (logsnr_t, logsnr_s) in enumerate(pairs):
-        x_pred = _predict(denoiser, z, logsnr_t, class_labels, clip)
+        x_pred = _predict(denoiser, z, logsnr_t, class_labels, clip, clip_range)
         if i == num_steps - 1:
             return x_pred
         z = ddim_step(z, x_pred, logsnr_t=logsnr_t, logsnr_s=logsnr_s)
@@ -98,14 +104,14 @@ def sample_ddim(denoiser: DenoiserFn, z_1: torch.Tensor, *, schedule: Schedule, 
 @torch.no_grad()
 def sample_ancestral(denoiser: DenoiserFn, z_1: torch.Tensor, *, schedule: Schedule, num_steps: int,
                      noise: Callable[[int], torch.Tensor], logvar_frac: float = 0.0,
-                     class_labels: torch.Tensor | None = None, clip: bool = True,
+                     class_labels: torch.Tensor | None = None, clip: bool = True, clip_range: float = 1.0,
                      progress: bool = False) -> torch.Tensor:
     """N-step ancestral sampler (method.md §4); the last step returns x_pred and adds no noise."""
     if not 0.0 <= logvar_frac <= 1.0:
         raise UserError(f"--logvar-frac must lie in [0, 1] (0 = fixed_small, 1 = fixed_large), got {logvar_frac}")
     z = z_1
     for i, (logsnr_t, logsnr_s) in enumerate(_pairs(schedule, num_steps, progress, f"ancestral {num_steps}")):
-        x_pred = _predict(denoiser, z, logsnr_t, class_labels, clip)
+        x_pred = _predict(denoiser, z, logsnr_t, class_labels, clip, clip_range)
         if i == num_steps - 1:
             return x_pred
         z = ancestral_step(z, x_pred, noise(i), logsnr_t=logsnr_t, logsnr_s=logsnr_s, logvar_frac=logvar_frac)
@@ -114,7 +120,7 @@ def sample_ancestral(denoiser: DenoiserFn, z_1: torch.Tensor, *, schedule: Sched
 
 @torch.no_grad()
 def sample_dpmpp_2m(denoiser: DenoiserFn, z_1: torch.Tensor, *, schedule: Schedule, num_steps: int,
-                    class_labels: torch.Tensor | None = None, clip: bool = True,
+                    class_labels: torch.Tensor | None = None, clip: bool = True, clip_range: float = 1.0,
                     progress: bool = False) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in data prediction over h = (lambda_s - lambda_t) / 2.
 
@@ -126,7 +132,7 @@ def sample_dpmpp_2m(denoiser: DenoiserFn, z_1: torch.Tensor, *, schedule: Schedu
     x_prev, h_prev = None, None
     for i in tqdm(range(num_steps), desc=f"DPM-Solver++ {num_steps}", leave=False, disable=not progress):
         logsnr_t, logsnr_s = grid[i], grid[i + 1]
-        x_pred = _predict(denoiser, z, logsnr_t, class_labels, clip)
+        x_pred = _predict(denoiser, z, logsnr_t, class_labels, clip, clip_range)
         last = i == num_steps - 1
         if x_prev is None or last:
             d = x_pred

@@ -50,12 +50,21 @@ def abar_from_betas(betas: Sequence[float]) -> torch.Tensor:
 
 
 def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
-    """Piecewise-linear interpolation (np.interp) for increasing xp, clamped at the ends."""
+    """Piecewise-linear interpolation (np.interp) for increasing xp, clamped at the ends.
+
+    Written as f0 (1 - w) + f1 w so that a knot x = xp[k] gives back fp[k] exactly.
+    """
     x = x.clamp(xp[0], xp[-1])
     idx = torch.searchsorted(xp, x.contiguous()).clamp(1, len(xp) - 1)
     x0, x1, f0, f1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
     w = (x - x0) / (x1 - x0)
-    return f0 + w * (f1 - f0)
+    return f0 * (1.0 - w) + f1 * w
+
+
+def snap_to_integers(tau: torch.Tensor, tol: float = 1e-9) -> torch.Tensor:
+    """tau rounded to the nearest integer where it lies within tol of one (float64 round-off only)."""
+    r = tau.round()
+    return torch.where((tau - r).abs() <= tol, r, tau)
 
 
 @dataclass(frozen=True)
@@ -74,16 +83,54 @@ class Schedule:
             if not self.betas or len(self.betas) < 2:
                 raise UserError("a discrete schedule needs a table of at least 2 betas")
             b = torch.as_tensor(self.betas, dtype=torch.float64)
-            if not bool(((b > 0) & (b < 1)).all()):
-                raise UserError("discrete schedule betas must lie in (0, 1)")
+            if not bool(((b > 0) & (b <= 1)).all()):
+                raise UserError("discrete schedule betas must lie in (0, 1] (beta = 1 only as the last entry)")
+            if bool((b[:-1] == 1).any()):
+                raise UserError("a discrete schedule may reach beta = 1 (zero terminal SNR) only at its last entry")
+            if b[-1] == 1 and len(b) < 3:
+                raise UserError("a zero-terminal-SNR table (last beta = 1) needs at least 3 betas")
         elif not self.logsnr_min < self.logsnr_max:
             raise UserError("cosine schedule needs logsnr_min < logsnr_max")
 
-    # Discrete tables: knots t_j = (j + 1) / T with lambda_j = log(abar_j / (1 - abar_j)).
-    def _knots(self) -> tuple[torch.Tensor, torch.Tensor]:
+    # Discrete tables live on the knot index j = T t - 1 = 0 .. T-1 (method.md §8): abar_j at
+    # t = (j + 1) / T, lambda_j = log(abar_j / (1 - abar_j)), linear in j between knots. A
+    # zero-terminal-SNR table (beta_{T-1} = 1, abar_{T-1} = 0, lambda_{T-1} = -inf) is instead
+    # linear in abar on its last segment, abar = abar_{T-2} (1 - w), w = j - (T - 2): lambda is
+    # finite for t < 1 and -inf exactly at t = 1.
+    def _table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(abar_j, lambda_j) for j = 0 .. T-1, float64."""
         abar = abar_from_betas(self.betas)
-        t = torch.arange(1, len(abar) + 1, dtype=torch.float64) / len(abar)
-        return t, torch.log(abar) - torch.log1p(-abar)
+        return abar, torch.log(abar) - torch.log1p(-abar)
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """True for a discrete table ending in beta = 1 (lambda(1) = -inf)."""
+        return self.kind == "discrete" and float(self.betas[-1]) == 1.0
+
+    def _logsnr_at_index(self, j: torch.Tensor) -> torch.Tensor:
+        """lambda at the fractional knot index j (float64), clamped to [0, T - 1]."""
+        abar, lam = self._table()
+        T = len(abar)
+        j = j.clamp(0.0, T - 1.0)
+        idx = torch.arange(T, dtype=torch.float64)
+        if not self.zero_terminal_snr:
+            return _interp(j, idx, lam)
+        w = (j - (T - 2)).clamp(0.0, 1.0)
+        a = abar[T - 2] * (1.0 - w)
+        last = torch.log(a) - torch.log1p(-a)
+        return torch.where(j > T - 2, last, _interp(j.clamp(max=T - 2.0), idx[:-1], lam[:-1]))
+
+    def _index_from_logsnr(self, logsnr: torch.Tensor) -> torch.Tensor:
+        """The inverse of `_logsnr_at_index`: j(lambda) in [0, T - 1] (float64; knots map to integers)."""
+        abar, lam = self._table()
+        T = len(abar)
+        idx = torch.arange(T, dtype=torch.float64)
+        if not self.zero_terminal_snr:
+            # lambda decreases in j: interpolate on the reversed (increasing) table.
+            return _interp(logsnr, lam.flip(0), idx.flip(0))
+        w = (1.0 - torch.sigmoid(logsnr) / abar[T - 2]).clamp(0.0, 1.0)
+        inner = _interp(logsnr.clamp(min=float(lam[T - 2])), lam[:-1].flip(0), idx[:-1].flip(0))
+        return torch.where(logsnr < lam[T - 2], (T - 2) + w, inner)
 
     def logsnr(self, t: torch.Tensor) -> torch.Tensor:
         """lambda_t for t in [0, 1] (discrete tables: linear in t between knots, clamped)."""
@@ -91,17 +138,15 @@ class Schedule:
         dtype = t.dtype if t.is_floating_point() else torch.float32
         if self.kind == "cosine":
             return logsnr_cosine(t.to(torch.float64), self.logsnr_min, self.logsnr_max).to(dtype)
-        tk, lk = self._knots()
-        return _interp(t.to(torch.float64), tk, lk).to(dtype)
+        return self._logsnr_at_index(len(self.betas) * t.to(torch.float64) - 1.0).to(dtype)
 
     def t_from_logsnr(self, logsnr: torch.Tensor) -> torch.Tensor:
         """The inverse map lambda -> t (discrete tables: clamped to their logSNR range)."""
         logsnr = torch.as_tensor(logsnr)
         if self.kind == "cosine":
             return t_from_logsnr_cosine(logsnr.to(torch.float64), self.logsnr_min, self.logsnr_max).to(logsnr.dtype)
-        tk, lk = self._knots()
-        # lambda decreases in t: interpolate on the reversed (increasing) table.
-        return _interp(logsnr.to(torch.float64), lk.flip(0), tk.flip(0)).to(logsnr.dtype)
+        j = self._index_from_logsnr(logsnr.to(torch.float64))
+        return ((j + 1.0) / len(self.betas)).to(logsnr.dtype)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -109,12 +154,29 @@ class Schedule:
         return NUM_TRAIN_TIMESTEPS if self.kind == "cosine" else len(self.betas)
 
     def time_input(self, logsnr: torch.Tensor) -> torch.Tensor:
-        """tau = T t(lambda) - 1: the network's time input (method.md §8)."""
-        return self.num_train_timesteps * self.t_from_logsnr(logsnr.to(torch.float64)).float() - 1.0
+        """tau = T t(lambda) - 1 (method.md §8), computed in float64 and returned as float32.
+
+        From float64 lambda every grid point t = i/N with N | T gives a whole timestep exactly
+        (float64 round-off of the lambda -> t round trip, ~1e-13, is snapped away).
+        """
+        logsnr = torch.as_tensor(logsnr)
+        lam = logsnr.to(torch.float64)
+        if self.kind == "cosine":
+            tau = self.num_train_timesteps * t_from_logsnr_cosine(lam, self.logsnr_min, self.logsnr_max) - 1.0
+        else:
+            tau = self._index_from_logsnr(lam)
+        if logsnr.dtype != torch.float64:   # float32 lambda: tau is only good to float32 precision anyway
+            return tau.float()
+        return snap_to_integers(tau).float()
 
     def diffusers_betas(self, num_train_timesteps: int | None = None) -> list[float]:
-        """beta_j = 1 - abar((j+1)/T) / abar(j/T), abar(t) = alpha_t^2 (method.md §8)."""
+        """beta_j = 1 - abar((j+1)/T) / abar(j/T), abar(t) = alpha_t^2 (method.md §8); a table gives itself back."""
         T = num_train_timesteps or self.num_train_timesteps
+        if self.kind == "discrete":
+            if T != len(self.betas):
+                raise UserError(f"a discrete schedule of {len(self.betas)} betas cannot be exported with "
+                                f"num_train_timesteps={T}; use its own table length")
+            return [float(b) for b in self.betas]
         t = torch.arange(0, T + 1, dtype=torch.float64) / T
         abar = torch.sigmoid(self.logsnr(t))
         return (1.0 - abar[1:] / abar[:-1]).tolist()
