@@ -1,4 +1,4 @@
-"""Command line: `progdistill {demo,train,distill,sample,eval,report,presets}`. Parses and calls; no maths here."""
+"""Command line: `progdistill {demo,train,distill,sample,eval,report,export,presets}`. Parses and calls; no maths here."""
 
 from __future__ import annotations
 
@@ -28,6 +28,16 @@ EXAMPLES = {
   progdistill sample --model runs/teacher --steps 256 --num 64 --out teacher.png
   progdistill sample --model runs/distill/steps-0004 --steps 4 --num 64 --out pd4.png --npz pd4.npz
   progdistill sample --model runs/teacher --steps 64 --sampler ancestral --logvar-frac 0.3 --out anc.png""",
+    "export": """examples:
+  progdistill export runs/distill/steps-0004 --out exported/pd4   # one student
+  progdistill export runs/distill --out exported/pd-last            # a distillation run: its last finished round
+  progdistill export runs/teacher --out exported/teacher --force    # a teacher (EMA weights); replace the folder
+
+writes a diffusers DDIMPipeline folder (unet/, scheduler/, model_index.json) plus README.md (the exact
+diffusers call, valid N, provenance, eval.json figures) and progdistill_export.json. Sample it with
+  DiffusionPipeline.from_pretrained(DIR)(num_inference_steps=N, eta=0.0, use_clipped_model_output=True, ...)
+Students export when N divides T (1024 for the cosine schedule); eps, x and v models export, `both` and
+vector (MLP) models do not.""",
 }
 
 
@@ -95,6 +105,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--logvar-frac", type=float, default=0.0, help="ancestral: 0 fixed_small .. 1 fixed_large")
     m.add_argument("--class", dest="class_label", type=int, default=None)
     m.add_argument("--batch-size", type=int, default=500)
+
+    x = add("export", "write a model as a diffusers DDIMPipeline folder with a README model card")
+    x.add_argument("model", metavar="MODEL", help="teacher run, distillation run (its last round) or steps-NNNN folder")
+    x.add_argument("--out", required=True, help="output folder (built beside it, then renamed into place)")
+    x.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
 
     sub.add_parser("presets", help="list model presets with their parameter counts")
 
@@ -170,6 +185,11 @@ def cmd_sample(a) -> None:
         raise UserError("nothing to write: pass --out grid.png and/or --npz samples.npz")
 
 
+def cmd_export(a) -> None:
+    from .export import export_model
+    print(export_model(a.model, a.out, force=a.force))
+
+
 def cmd_presets(a) -> None:
     from .models import PRESETS, build_network, count_parameters
     print(f"{'preset':<11} {'params':>12}  {'data':<12} {'batch':>5} {'lr':>7} {'N0':>5}  description")
@@ -186,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     if threads:
         import torch
         torch.set_num_threads(threads)
-    handlers = {"train": cmd_train, "distill": cmd_distill, "sample": cmd_sample, "presets": cmd_presets}
+    handlers = {"train": cmd_train, "distill": cmd_distill, "sample": cmd_sample, "export": cmd_export,
+                "presets": cmd_presets}
     try:
         if args.command == "demo":
             from .demo import run_demo
