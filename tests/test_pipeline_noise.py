@@ -56,6 +56,16 @@ def test_noise_batching_does_not_change_results(model):
     assert not torch.equal(b, model.sample(num=6, steps=2))   # the seeded noise is another start
 
 
+def test_ancestral_with_noise_over_several_batches(model):
+    """Several batches slice the given noise; per-step noise stays keyed to (seed, k)."""
+    z = seeded_noise(4, 5)
+    ref = model.sample(num=5, steps=3, seed=4, sampler="ancestral", logvar_frac=1.0, batch_size=2)
+    x = model.sample(steps=3, seed=4, sampler="ancestral", logvar_frac=1.0, noise=z, batch_size=2)
+    assert torch.equal(x, ref)
+    one = model.sample(steps=3, seed=4, sampler="ancestral", logvar_frac=1.0, noise=z, batch_size=500)
+    torch.testing.assert_close(one, ref, rtol=0, atol=ATOL)
+
+
 def test_noise_errors_are_one_line(model):
     z = torch.randn(4, *SHAPE)
     with pytest.raises(UserError, match=r"noise must have shape \(num, 1, 8, 8\) for this model, got \(4, 8, 8\)") as e:

@@ -58,7 +58,8 @@ def class_rows(card: ModelCard, net: torch.nn.Module) -> tuple[int, bool]:
         return 0, False
     null = getattr(card, "null_class", None)
     if null is None:   # cards before format 2: progdistill's own UNets, null row when conditional
-        null = embeds == int(card.data.get("num_classes") or card.model.num_classes or 0) + 1
+        model_classes = card.model.num_classes if getattr(card, "model", None) is not None else 0
+        null = embeds == int(card.data.get("num_classes") or model_classes or 0) + 1
     return embeds - int(bool(null)), bool(null)
 
 
@@ -260,7 +261,7 @@ def readme_text(card: ModelCard, src: Source, out: Path, meta: dict, ctx: dict, 
           + (" (+ 1 null-class row for guidance)" if meta["null_class"] else "") + " |",
           f"| schedule | {sched_text} |",
           f"| clipping | {'x_pred clipped to ±' + format(meta['clip_range'], 'g') if meta['clip'] else 'none'} |",
-          f"| weights | {'EMA' if getattr(card, 'weights', '') == 'ema' else 'raw (students keep no EMA)'} |",
+          f"| weights | {_weights_text(card)} |",
           f"| iterations | {card.iteration:,} |", "",
           "## How it was made", ""]
     L += _provenance_lines(card, src, ctx) + [""]
@@ -280,6 +281,15 @@ def readme_text(card: ModelCard, src: Source, out: Path, meta: dict, ctx: dict, 
           + ", ".join(f"`{k}={v!r}`" for k, v in sched_cfg.items() if k != "trained_betas")
           + ", `trained_betas` = the schedule's own beta table.", ""]
     return "\n".join(L)
+
+
+def _weights_text(card: ModelCard) -> str:
+    w = getattr(card, "weights", "")
+    if w == "ema":
+        return "EMA (what the teacher samples with)"
+    if w == "model":
+        return "raw (students keep no EMA)" if card.kind == "student" else "raw"
+    return f"as imported (`{w}/`)"
 
 
 def _provenance_lines(card: ModelCard, src: Source, ctx: dict) -> list[str]:

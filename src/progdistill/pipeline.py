@@ -99,8 +99,8 @@ def generate(denoiser: Denoiser, card: ModelCard, *, steps: int, num: int | None
             x = sample_dpmpp_2m(denoiser, z_1, **kw)
         else:
             # ancestral noise: a second stream per sample, independent of the initial noise
-            noise = PerSampleNoise([seed_for(s, 1) for s in seeds], shape, device)
-            x = sample_ancestral(denoiser, z_1, noise=noise, logvar_frac=logvar_frac, **kw)
+            step_noise = PerSampleNoise([seed_for(s, 1) for s in seeds], shape, device)
+            x = sample_ancestral(denoiser, z_1, noise=step_noise, logvar_frac=logvar_frac, **kw)
         out.append(x.float().cpu())
     return torch.cat(out)
 
