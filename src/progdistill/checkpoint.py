@@ -1,13 +1,14 @@
 """Run folders and checkpoints: atomic writes, diffusers layout for weights, no pickle for models.
 
-A *model folder* holds `progdistill.json` (the model card: architecture, parameterization,
-schedule, data shape, classes, iteration, provenance) and its weights in diffusers'
+A *model folder* holds `progdistill.json` (the model card: architecture as a diffusers config,
+parameterization, schedule, data shape, classes, sampling clip, iteration, provenance) and its weights in diffusers'
 `save_pretrained` layout (`model/`, and `ema/` for teachers). Training states (optimizer, step,
 RNG) live in `state/` and are loaded with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -22,12 +23,13 @@ from safetensors.torch import load_file
 
 from .denoiser import Denoiser
 from .errors import UserError
-from .models import ModelConfig, build_network
+from .models import ModelConfig, build_network, network_from_spec, network_spec, spec_with_param
 from .schedules import Schedule
 
 CARD = "progdistill.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-CARD_FORMAT = 1
+CARD_FORMAT = 2   # 2: network config, clip/clip_range, null_class, normalizer, source
+DIFFUSERS_PREFIX = "diffusers:"
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -80,52 +82,102 @@ def replace_dir_atomic(write_fn, target: Path) -> None:
 
 @dataclass
 class ModelCard:
-    """What it takes to rebuild and use a model without its training config."""
+    """What it takes to rebuild and use a model without its training config (card format 2).
 
-    model: ModelConfig
+    Format 2 adds `network` (class and diffusers config: any UNet2DModel round-trips), sampling
+    `clip`/`clip_range`, `null_class`, `normalizer` and `source`; format 1 cards still load.
+    """
+
+    model: ModelConfig | None    # progdistill's architecture; None for imported teachers
     param: str
     schedule: Schedule
     data: dict                   # spec, kind ("image"/"vector"), shape, num_classes, class_names
     iteration: int = 0
     kind: str = "teacher"        # "teacher" or "student"
     steps: int | None = None     # sampling steps a student was distilled for
-    weights: str = "ema"         # sub-folder used for sampling: "ema" or "model"
+    weights: str = "ema"         # sub-folder used for sampling: "ema", "model" ("unet" for imported teachers)
     provenance: dict | None = None
+    network: dict | None = None  # {"class_name": "UNet2DModel" | "MLPModel", "config": diffusers config}
+    clip: bool | None = None     # clip x_pred when sampling; None -> images clip, vectors do not
+    clip_range: float = 1.0      # clamp(-r, r) (diffusers' clip_sample_range)
+    null_class: bool = True      # own class-conditional nets: last class row is the null class (guidance)
+    normalizer: dict | None = None   # vector normalisation, stored and round-tripped only
+    source: str | None = None    # the `diffusers:` spec as given, for imported teachers
 
-    @property
-    def clip(self) -> bool:
-        """x_pred is clipped to [-1, 1] when sampling images, never for vectors."""
-        return self.data.get("kind") == "image"
+    def __post_init__(self) -> None:
+        if self.model is None and self.network is None:
+            raise UserError("a model card needs a network config or a progdistill model config")
+        if self.clip is None:    # the format-1 rule, so `card.clip` is always a bool
+            self.clip = self.data.get("kind") == "image"
+        self.clip, self.clip_range = bool(self.clip), float(self.clip_range)
 
     def to_dict(self) -> dict:
-        return {"format": CARD_FORMAT, "model": self.model.to_dict(), "param": self.param,
-                "schedule": self.schedule.to_dict(), "data": self.data, "iteration": self.iteration,
-                "kind": self.kind, "steps": self.steps, "weights": self.weights, "provenance": self.provenance or {}}
+        return {"format": CARD_FORMAT, "model": self.model.to_dict() if self.model is not None else None,
+                "network": self.network, "param": self.param, "schedule": self.schedule.to_dict(), "data": self.data,
+                "iteration": self.iteration, "kind": self.kind, "steps": self.steps, "weights": self.weights,
+                "provenance": self.provenance or {}, "clip": self.clip, "clip_range": self.clip_range,
+                "null_class": self.null_class, "normalizer": self.normalizer, "source": self.source}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelCard":
-        return cls(model=ModelConfig.from_dict(d["model"]), param=d["param"], schedule=Schedule.from_dict(d["schedule"]),
-                   data=d["data"], iteration=d.get("iteration", 0), kind=d.get("kind", "teacher"),
-                   steps=d.get("steps"), weights=d.get("weights", "ema"), provenance=d.get("provenance"))
+        fmt = d.get("format", 1)
+        if not isinstance(fmt, int) or fmt > CARD_FORMAT:
+            raise UserError(f"model card format {fmt!r} is newer than this progdistill reads ({CARD_FORMAT}); upgrade progdistill")
+        return cls(model=ModelConfig.from_dict(d["model"]) if d.get("model") is not None else None, param=d["param"],
+                   schedule=Schedule.from_dict(d["schedule"]), data=d["data"], iteration=d.get("iteration", 0),
+                   kind=d.get("kind", "teacher"), steps=d.get("steps"), weights=d.get("weights", "ema"),
+                   provenance=d.get("provenance"), network=d.get("network"), clip=d.get("clip"),
+                   clip_range=d.get("clip_range", 1.0), null_class=d.get("null_class", True),
+                   normalizer=d.get("normalizer"), source=d.get("source"))
+
+
+def num_classes(card: ModelCard) -> int:
+    """Real classes the network is conditioned on: its class rows, less the null row of own models (0: unconditional)."""
+    if card.network is not None:
+        rows = card.network["config"].get("num_class_embeds") or 0
+        return rows - 1 if rows and card.null_class else rows
+    return card.model.num_classes
+
+
+def build_network_from_card(card: ModelCard, param: str | None = None, *, dropout: float | None = None) -> torch.nn.Module:
+    """A freshly initialised network of the card's architecture (from `network` if recorded, else `model`).
+
+    `param` builds the same architecture for another output parameterization (a student: `both`
+    doubles the output channels, eps/x/v keep them); `dropout` overrides the dropout rate.
+    """
+    param = param or card.param
+    if card.network is not None:
+        same = param == card.param and dropout is None
+        return network_from_spec(card.network if same else spec_with_param(card.network, param, dropout=dropout))
+    cfg = card.model if dropout is None else dataclasses.replace(card.model, dropout=dropout)
+    return build_network(cfg, param)
 
 
 def save_model_folder(folder: Path, card: ModelCard, weights: dict[str, torch.nn.Module]) -> None:
     """Write each network (`{"model": net, "ema": ema_net}`) in diffusers layout, then the card.
 
     Each weights folder is swapped in atomically and the card goes last, so a reader never sees
-    a card that points at missing weights.
+    a card that points at missing weights. A card without `network` gets the saved net's config.
     """
     folder = Path(folder)
     for sub, net in weights.items():
         replace_dir_atomic(lambda tmp, net=net: net.save_pretrained(tmp, safe_serialization=True), folder / sub)
+    if card.network is None and weights:
+        card = dataclasses.replace(card, network=network_spec(weights.get(card.weights, next(iter(weights.values())))))
     write_json(folder / CARD, card.to_dict())
+
+
+def is_diffusers_spec(path: str | Path) -> bool:
+    """True for `diffusers:PATH` (a diffusers pipeline folder or hub id, imported as a teacher)."""
+    return str(path).startswith(DIFFUSERS_PREFIX)
 
 
 def resolve_model_folder(path: Path) -> Path:
     """A model folder itself, or a distillation run (-> its latest finished `steps-*` round)."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"model {path} not found: pass a training run folder, a distillation run or a steps-NNNN folder")
+        raise UserError(f"model {path} not found: pass a training run folder, a distillation run, a steps-NNNN folder "
+                        f"or diffusers:DIR")
     card = read_json(path / CARD, "model card")
     if card.get("kind") == "distillation":
         latest = card.get("latest")
@@ -135,7 +187,12 @@ def resolve_model_folder(path: Path) -> Path:
     return path
 
 
-def load_card(path: Path) -> ModelCard:
+def load_card(path: str | Path) -> ModelCard:
+    """The card of a model folder or run; for `diffusers:PATH`, the card of the imported teacher."""
+    if is_diffusers_spec(path):
+        from .diffusers_io import load_diffusers_card
+
+        return load_diffusers_card(str(path))
     folder = resolve_model_folder(path)
     d = read_json(folder / CARD, "model card")
     try:
@@ -150,7 +207,7 @@ def load_network(folder: Path, card: ModelCard, which: str | None = None) -> tor
     f = sub / WEIGHTS
     if not f.is_file():
         raise UserError(f"weights {f} not found; the run may be unfinished: resume it, or point at a finished model")
-    net = build_network(card.model, card.param)
+    net = build_network_from_card(card)
     try:
         state = load_file(str(f))
     except Exception as e:  # safetensors raises several types for truncated or corrupt files
@@ -162,8 +219,13 @@ def load_network(folder: Path, card: ModelCard, which: str | None = None) -> tor
     return net
 
 
-def load_denoiser(path: Path, *, which: str | None = None, device: str | torch.device = "cpu") -> tuple[Denoiser, ModelCard]:
-    """Load any model folder (or distillation run) as an eval-mode Denoiser plus its card."""
+def load_denoiser(path: str | Path, *, which: str | None = None,
+                  device: str | torch.device = "cpu") -> tuple[Denoiser, ModelCard]:
+    """Load any model folder, distillation run or `diffusers:PATH` as an eval-mode Denoiser plus its card."""
+    if is_diffusers_spec(path):
+        from .diffusers_io import load_diffusers_teacher
+
+        return load_diffusers_teacher(str(path), device)
     folder = resolve_model_folder(Path(path))
     card = load_card(folder)
     net = load_network(folder, card, which).to(device).eval()
