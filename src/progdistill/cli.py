@@ -107,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-size", type=int, default=500)
 
     x = add("export", "write a model as a diffusers DDIMPipeline folder with a README model card")
-    x.add_argument("model", metavar="MODEL", help="teacher run, distillation run (its last round) or steps-NNNN folder")
+    x.add_argument("model", metavar="MODEL", help="teacher run, distillation run (its last round), steps-NNNN folder "
+                                                  "or diffusers:DIR (an imported teacher, exported with its own betas)")
     x.add_argument("--out", required=True, help="output folder (built beside it, then renamed into place)")
     x.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
 
