@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import ModelCard, load_denoiser
+from .checkpoint import num_classes as card_num_classes
 from .denoiser import Denoiser
 from .errors import UserError
 from .sampling import SAMPLERS, check_num_steps, sample_ancestral, sample_ddim, sample_dpmpp_2m
@@ -27,7 +28,7 @@ from .seeds import PerSampleNoise, sample_seeds, seed_for
 
 def class_labels_for(card: ModelCard, indices: range | list[int], class_label: int | None) -> torch.Tensor | None:
     """Labels for class-conditional models: `class_label` for all, or k mod num_classes for sample k."""
-    num_classes = card.model.num_classes
+    num_classes = card_num_classes(card)
     if not num_classes:
         if class_label is not None:
             raise UserError("--class was given but this model is unconditional (train with --class-cond)")
@@ -90,9 +91,8 @@ def generate(denoiser: Denoiser, card: ModelCard, *, steps: int, num: int | None
             z_1 = noise[b0 - start:b0 - start + len(idx)].to(device)
         y = class_labels_for(card, idx, class_label)
         y = y.to(device) if y is not None else None
-        kw = dict(schedule=card.schedule, num_steps=steps, class_labels=y, clip=clip, progress=progress)
-        if clip_range != 1.0:   # cards that record another range (imported schedulers); 1 is the samplers' default
-            kw["clip_range"] = clip_range
+        kw = dict(schedule=card.schedule, num_steps=steps, class_labels=y, clip=clip, clip_range=clip_range,
+                  progress=progress)
         if sampler == "ddim":
             x = sample_ddim(denoiser, z_1, **kw)
         elif sampler == "dpmpp2m":
