@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from progdistill.checkpoint import CARD, read_json
+from progdistill.checkpoint import CARD, ModelCard, read_json
 from progdistill.data import load_data
 from progdistill.denoiser import Denoiser
 from progdistill.distill import distill_batch, distillation_loss, init_student
@@ -85,7 +85,8 @@ def main() -> None:
 
     frozen = Denoiser(build_network(preset.model, preset.param), schedule=schedule, param=preset.param).eval()
     frozen.requires_grad_(False)
-    student_net = init_student(frozen.net, preset.model, preset.param)
+    student_net = init_student(frozen.net, ModelCard(model=preset.model, param=preset.param, schedule=schedule,
+                                                     data={"kind": "image"}), preset.param)
     student = Denoiser(student_net, schedule=schedule, param=preset.param)
     sopt = torch.optim.AdamW(student_net.parameters(), lr=1e-4)
 

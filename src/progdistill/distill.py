@@ -16,14 +16,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
-from .checkpoint import (CARD, ModelCard, latest_state, load_denoiser, load_state, read_json, rotate_states,
+from .checkpoint import (CARD, ModelCard, build_network_from_card, is_diffusers_spec, latest_state, num_classes, load_denoiser, load_state, read_json, rotate_states,
                          save_model_folder, state_name, steps_folder_name, torch_save_atomic, write_json)
 from .config import DistillConfig, from_dict, to_dict
 from .data import Dataset, load_data
 from .denoiser import Denoiser
 from .errors import UserError
 from .losses import weighted_x_loss
-from .models import ModelConfig, build_network, get_preset
+from .models import count_parameters, get_preset, spec_with_param
+from .normalize import Normalizer
+from .parameterization import output_channels
 from .sampling import ddim_step
 from .schedules import Schedule, alpha_sigma
 from .seeds import generator_for, seed_for
@@ -61,13 +63,13 @@ def distillation_target(teacher, z_t: torch.Tensor, *, i: torch.Tensor, num_step
 
     At i = 1 (t'' = 0) the target is the teacher's second x prediction, as in the released code.
     """
-    t = i.double() / num_steps
-    logsnr_t = schedule.logsnr(t).to(z_t.dtype)
-    logsnr_t1 = schedule.logsnr(t - 0.5 / num_steps).to(z_t.dtype)
-    logsnr_t2 = schedule.logsnr(t - 1.0 / num_steps).to(z_t.dtype)
+    t = i.double() / num_steps      # float64 logSNR: the teacher's time input stays exact (method.md §8)
+    logsnr_t = schedule.logsnr(t)
+    logsnr_t1 = schedule.logsnr(t - 0.5 / num_steps)
+    logsnr_t2 = schedule.logsnr(t - 1.0 / num_steps)
     z_t2, x_2 = two_teacher_steps(teacher, z_t, logsnr_t=logsnr_t, logsnr_t1=logsnr_t1, logsnr_t2=logsnr_t2,
                                   class_labels=class_labels)
-    target = x_target(z_t, z_t2, logsnr_t=logsnr_t, logsnr_t2=logsnr_t2)
+    target = x_target(z_t, z_t2, logsnr_t=logsnr_t.to(z_t.dtype), logsnr_t2=logsnr_t2.to(z_t.dtype))
     return torch.where(_b(i == 1, z_t), x_2, target)
 
 
@@ -80,14 +82,23 @@ def student_param_for(teacher_param: str, requested: str | None) -> str:
     return "v" if teacher_param == "eps" else teacher_param
 
 
-def init_student(teacher_net: nn.Module, model_cfg: ModelConfig, student_param: str) -> nn.Module:
-    """A copy of the teacher (dropout 0). Across a parameterization switch with other output channels,
-    every tensor but the output layer is copied (the paper's eps -> v remedy keeps channels equal)."""
-    student = build_network(dataclasses.replace(model_cfg, dropout=0.0), student_param)
-    src = teacher_net.state_dict()
-    own = student.state_dict()
-    compatible = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
-    student.load_state_dict({**own, **compatible})
+def init_student(teacher_net: nn.Module, teacher_card: ModelCard, student_param: str) -> nn.Module:
+    """A copy of the teacher (dropout 0), built from its card: any recorded architecture, imported or own.
+
+    Across a parameterization switch that changes the output channels (to or from `both`) the output
+    layer starts fresh; every other tensor is copied, and a tensor that cannot be is an error, never a
+    silent re-initialisation (the paper's eps -> v remedy keeps channels equal, so everything is copied).
+    """
+    student = build_network_from_card(teacher_card, student_param, dropout=0.0)
+    src, own = teacher_net.state_dict(), student.state_dict()
+    copied = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+    switch = output_channels(teacher_card.param, 1) != output_channels(student_param, 1)
+    out_layer = ("conv_out.", "out.")     # UNet2DModel's and MLPModel's output layers
+    bad = sorted((set(own) ^ set(src)) | {k for k in set(own) - set(copied) if not (switch and k.startswith(out_layer))})
+    if bad:
+        raise UserError(f"cannot initialise the student from the teacher: tensors {bad[:4]} do not match "
+                        f"(its card and weights disagree); re-export or re-train the teacher")
+    student.load_state_dict({**own, **copied})
     return student
 
 
@@ -102,15 +113,59 @@ def plan_rounds(start_steps: int, final_steps: int, iters_per_round: int, last_r
     return rounds
 
 
-def resolve_config(cfg: DistillConfig, teacher_card: ModelCard, teacher_run: Path) -> DistillConfig:
-    preset = get_preset((teacher_card.provenance or {}).get("preset", "digits" if teacher_card.model.kind == "unet" else "mlp"))
-    batch = preset.batch_size
-    if (teacher_run / "config.json").is_file():
-        batch = read_json(teacher_run / "config.json").get("batch_size") or batch
-    fill = dict(start_steps=preset.distill_start_steps, iters_per_round=preset.distill_iters_per_round,
-                lr=preset.distill_lr, batch_size=batch, data=teacher_card.data["spec"])
+# Imported teachers have no preset: the digits preset's distillation settings serve small (CPU-sized)
+# networks, the paper's lr 1e-4 (method.md §6) larger ones; --lr / --iters-per-round / --batch-size override.
+IMPORTED_SMALL_PARAMS = 10_000_000
+
+
+def default_start_steps(schedule: Schedule) -> int:
+    """N0 for a discrete T-step teacher: the largest power of two <= T (every student grid point i/N exists)."""
+    return 1 << (int(schedule.num_train_timesteps).bit_length() - 1)
+
+
+def resolve_config(cfg: DistillConfig, teacher_card: ModelCard, teacher_run: str, teacher_params: int) -> DistillConfig:
+    """Fill unset fields from the teacher's preset and run config (imported teachers: see above)."""
+    if is_diffusers_spec(teacher_run):
+        if cfg.data is None:
+            raise UserError(f"--data is required for an imported teacher ({teacher_run}): the data it was trained on, "
+                            f"e.g. --data folder:PATH")
+        small = get_preset("digits")
+        fill = dict(start_steps=default_start_steps(teacher_card.schedule), iters_per_round=small.distill_iters_per_round,
+                    lr=small.distill_lr if teacher_params <= IMPORTED_SMALL_PARAMS else 1e-4, batch_size=64)
+    else:
+        kind = teacher_card.model.kind if teacher_card.model is not None else "unet"
+        preset = get_preset((teacher_card.provenance or {}).get("preset") or ("digits" if kind == "unet" else "mlp"))
+        batch = preset.batch_size
+        if (Path(teacher_run) / "config.json").is_file():
+            batch = read_json(Path(teacher_run) / "config.json").get("batch_size") or batch
+        fill = dict(start_steps=preset.distill_start_steps, iters_per_round=preset.distill_iters_per_round,
+                    lr=preset.distill_lr, batch_size=batch, data=teacher_card.data["spec"])
     cfg = dataclasses.replace(cfg, **{k: v for k, v in fill.items() if getattr(cfg, k) is None})
     return cfg.validate()
+
+
+def resolved_teacher(spec: str) -> str:
+    """The teacher as the run records it for loading: an absolute run folder, or diffusers:ABSOLUTE_PATH."""
+    if is_diffusers_spec(spec):
+        path = Path(spec[len("diffusers:"):]).expanduser()
+        return f"diffusers:{path.resolve()}" if path.exists() else spec   # a hub id stays as given
+    return str(Path(spec).resolve())
+
+
+def student_card(card0: ModelCard, t_card: ModelCard, student_param: str, cfg: DistillConfig, *, n_student: int,
+                 iters: int, round_idx: int, teacher_ref: str) -> ModelCard:
+    """The card of a round's student: the teacher's architecture with dropout 0 and the student's output;
+    schedule, data, clipping, classes and normaliser of the original teacher."""
+    model = dataclasses.replace(t_card.model, dropout=0.0) if t_card.model is not None else None
+    network = spec_with_param(t_card.network, student_param, dropout=0.0) if t_card.network is not None else None
+    data = dict(card0.data, spec=card0.data.get("spec") or cfg.data)
+    return ModelCard(model=model, network=network, param=student_param, schedule=card0.schedule, data=data,
+                     iteration=iters, kind="student", steps=n_student, weights="model", clip=card0.clip,
+                     clip_range=card0.clip_range, null_class=card0.null_class, normalizer=card0.normalizer,
+                     source=card0.source,
+                     provenance={"progdistill": __version__, "teacher": teacher_ref, "round": round_idx,
+                                 "teacher_steps": 2 * n_student, "seed": cfg.seed,
+                                 "preset": (card0.provenance or {}).get("preset")})
 
 
 def distill_batch(data: Dataset, *, seed: int, round_idx: int, step: int, batch_size: int, num_steps: int,
@@ -129,12 +184,13 @@ def distillation_loss(student, teacher, batch: dict, sl: slice, *, num_steps: in
     """L = w(lambda_t) ||x~ - x_theta(z_t)||^2, with z_t = alpha_t x + sigma_t eps at t = i/N (Algorithm 2)."""
     x, i, eps = batch["x"][sl], batch["i"][sl], batch["eps"][sl]
     y = batch["y"][sl] if class_cond else None
-    logsnr_t = schedule.logsnr(i.double() / num_steps).float()
+    logsnr_64 = schedule.logsnr(i.double() / num_steps)    # the student's time input from float64, as in sampling
+    logsnr_t = logsnr_64.float()
     alpha, sigma = alpha_sigma(_b(logsnr_t, x))
     z_t = alpha * x + sigma * eps
     with torch.autocast(device_type=z_t.device.type, enabled=False):
         target = distillation_target(teacher, z_t.float(), i=i, num_steps=num_steps, schedule=schedule, class_labels=y)
-    x_pred = student(z_t, logsnr_t, y)
+    x_pred = student(z_t, logsnr_64, y)
     return weighted_x_loss(target, x_pred, logsnr_t, weighting).mean()
 
 
@@ -150,11 +206,12 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
     elif (out / "config.json").exists():
         raise UserError(f"{out} already holds a distillation run: pass --resume, or choose another --out")
     cfg.validate()
-    teacher_run = Path(cfg.teacher)
+    teacher_run = cfg.teacher          # a run folder, or diffusers:PATH (an imported teacher), as given
     teacher0, card0 = load_denoiser(teacher_run, device=dist_info.device)
-    cfg = resolve_config(cfg, card0, teacher_run)
+    cfg = resolve_config(cfg, card0, teacher_run, count_parameters(teacher0.net))
     student_param = student_param_for(card0.param, cfg.student_param)
-    class_cond = card0.model.num_classes > 0
+    n_classes = num_classes(card0)
+    class_cond = n_classes > 0
     shape = tuple(card0.data["shape"])
     res = ch = None
     if card0.data["kind"] == "image" and not (cfg.data == "digits" or cfg.data.startswith("toy:")):
@@ -162,10 +219,19 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
     data = load_data(cfg.data, split="train", resolution=res, channels=ch, seed=cfg.seed)
     if tuple(data.shape) != shape:
         raise UserError(f"--data {cfg.data} has shape {tuple(data.shape)} but the teacher was trained on {shape}")
+    if class_cond and (data.y is None or data.num_classes > n_classes):
+        have = "no labels" if data.y is None else f"{data.num_classes} classes"
+        raise UserError(f"the teacher is conditioned on {n_classes} classes but --data {cfg.data} has {have}; "
+                        f"use the labelled data it was trained on")
+    normalizer = Normalizer.from_dict(card0.normalizer)   # the teacher's, never recomputed
+    if normalizer is not None:
+        data.x = normalizer.encode(data.x.double()).float()
     data.x = data.x.to(dist_info.device)
     rounds = plan_rounds(cfg.start_steps, cfg.final_steps, cfg.iters_per_round, cfg.last_rounds_factor)
 
-    run_card = {"kind": "distillation", "teacher": str(teacher_run.resolve()), "start_steps": cfg.start_steps,
+    teacher_ref = resolved_teacher(teacher_run)
+    cfg = dataclasses.replace(cfg, teacher=teacher_ref)   # a resume from another folder finds it too
+    run_card = {"kind": "distillation", "teacher": teacher_ref, "teacher_spec": teacher_run, "start_steps": cfg.start_steps,
                 "final_steps": cfg.final_steps, "student_param": student_param, "rounds": [], "latest": None,
                 "progdistill": __version__}
     if (out / CARD).is_file() and resume:
@@ -191,7 +257,7 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
         else:
             teacher, t_card = load_denoiser(out / steps_folder_name(rounds[r - 1]["steps"]), device=dist_info.device)
         teacher.eval().requires_grad_(False)
-        student_net = init_student(teacher.net, t_card.model, student_param).to(dist_info.device)
+        student_net = init_student(teacher.net, t_card, student_param).to(dist_info.device)
         optimizer = torch.optim.AdamW(student_net.parameters(), lr=cfg.lr, weight_decay=0.0)   # fresh each round
         start, prev_seconds, round_t0 = 0, 0.0, time.time()
         if st is not None and int(st["round"]) == r:
@@ -240,12 +306,8 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
                 print(f"time limit reached in round {r + 1} at step {result.step}/{iters}; continue with --resume")
             return out
         if dist_info.is_main:   # promote: the student becomes a complete model and the next teacher
-            card = ModelCard(model=dataclasses.replace(t_card.model, dropout=0.0), param=student_param,
-                             schedule=card0.schedule, data=card0.data, iteration=iters, kind="student",
-                             steps=n_student, weights="model",
-                             provenance={"progdistill": __version__, "teacher": str(teacher_run.resolve()),
-                                         "round": r, "teacher_steps": 2 * n_student, "seed": cfg.seed,
-                                         "preset": (card0.provenance or {}).get("preset")})
+            card = student_card(card0, t_card, student_param, cfg, n_student=n_student, iters=iters, round_idx=r,
+                                teacher_ref=teacher_ref)
             save_model_folder(out / steps_folder_name(n_student), card, {"model": student_net})
             run_card["rounds"] = [x for x in run_card["rounds"] if x["round"] != r] + [
                 {"round": r, "steps": n_student, "iters": iters, "seconds": prev_seconds + result.seconds}]

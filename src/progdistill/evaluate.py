@@ -11,14 +11,15 @@ and `dpmpp2m`. Metric values come from the pure functions of metrics.py:
 - 2-D toys: `sw` (sliced W2), `energy` against a fresh draw of the true distribution (n = num);
   `xent_true` = mean -log p_data(generated) for toy:gmm (a cross-entropy, NOT a likelihood); `nll` =
   the teacher's own model NLL of true points through the probability-flow ODE (exact divergence);
-- everywhere: `psnr_teacher`, PSNR (range 2) against the teacher's N0-step DDIM samples from the same
-  seeds (cached in the run folder), and the cost: `nfe` per sample and `samples_per_s`.
+- everywhere: `psnr_teacher`, PSNR (range 2, in the model's normalised units for vectors) against the
+  teacher's N0-step DDIM samples from the same seeds (cached in the run folder), and the cost: `nfe` per sample and `samples_per_s`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import math
 import os
 import time
@@ -29,11 +30,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics as M
-from .checkpoint import CARD, parse_steps_folder, read_json, write_json
+from .checkpoint import CARD, is_diffusers_spec, load_card, parse_steps_folder, read_json, write_json
 from .toy import toy_log_density
 from .errors import UserError
 from .pipeline import Model, generate, load
 from .likelihood import ode_nll
+from .normalize import Normalizer
 from .scoring import Scorer
 
 METHODS = ("pd", "ddim", "ancestral", "dpmpp2m")
@@ -68,7 +70,13 @@ class Run:
 
 
 def resolve_run(path) -> Run:
-    """A distillation run, one of its steps-NNNN folders, or a teacher run."""
+    """A distillation run, one of its steps-NNNN folders, a teacher run, or an imported `diffusers:` teacher
+    (its caches go under the cache directory, never into the user's diffusers folder)."""
+    if is_diffusers_spec(path):
+        from .distill import default_start_steps, resolved_teacher
+        spec = resolved_teacher(str(path))
+        key = hashlib.sha256(spec.encode()).hexdigest()[:16]
+        return Run(cache_dir() / "imported" / key, Path(spec), default_start_steps(load_card(spec).schedule), {})
     path = Path(path)
     card = read_json(path / CARD, "model card")
     if card.get("kind") == "distillation":
@@ -213,6 +221,10 @@ def evaluate(model_path, *, data: str | None = None, steps=None, methods=None, m
     run = resolve_run(model_path)
     teacher = load(run.teacher, device=device)
     spec = data or teacher.card.data["spec"]
+    if spec is None and (run.root / "config.json").is_file():   # an imported teacher's distillation run: its --data
+        spec = read_json(run.root / "config.json").get("data")
+    if spec is None:
+        raise UserError(f"--data is required to evaluate an imported teacher ({run.teacher}): the data it was trained on")
     family = data_family(spec, teacher.card)
     methods, steps, metrics = check_request(run, family, methods, steps, metrics, spec)
     scorer = Scorer(spec, family, metrics, teacher.card.data["shape"], num=num, seed=seed, cache=cache_dir(cache),
@@ -225,6 +237,8 @@ def evaluate(model_path, *, data: str | None = None, steps=None, methods=None, m
             jobs.append(ref_job)
         else:
             log(f"teacher {run.start_steps}-step row skipped: psnr_teacher uses {ref_num} < {num} reference samples")
+    normalizer = Normalizer.from_dict(teacher.card.normalizer)
+    units = normalizer.encode if normalizer is not None else (lambda v: v)   # range-based metrics: model units
     ref_x = ref_sec = None
     if "psnr_teacher" in metrics or ref_job in jobs:
         ref_x, ref_sec = teacher_samples(run, teacher, num=ref_num, seed=seed, batch_size=batch_size, log=log)
@@ -247,14 +261,14 @@ def evaluate(model_path, *, data: str | None = None, steps=None, methods=None, m
             raise UserError(f"{method} with {n} steps produced NaN/inf samples; the model diverged")
         rec.update(scorer(x))
         if "psnr_teacher" in metrics:
-            rec["psnr_teacher"] = min(M.psnr(x[:ref_num], ref_x, data_range=2.0), PSNR_CAP)
+            rec["psnr_teacher"] = min(M.psnr(units(x[:ref_num]), units(ref_x), data_range=2.0), PSNR_CAP)
             rec["psnr_num"] = ref_num
         rec["samples_per_s"] = num / sec if sec > 0 else None
         if method == "ancestral":
             rec["logvar_frac"] = frac
         records.append(rec)
     if "nll" in metrics:
-        nll, nfe = ode_nll(teacher.denoiser, teacher.card.schedule, scorer.ref)
+        nll, nfe = ode_nll(teacher.denoiser, teacher.card.schedule, scorer.ref, normalizer=normalizer)
         rec = {"method": "teacher_ode", "steps": None, "nfe": nfe, "num": len(scorer.ref), "seed": seed,
                "data": spec, "nll": float(nll.mean())}
         if spec == "toy:gmm":

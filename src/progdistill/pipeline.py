@@ -22,6 +22,7 @@ from .checkpoint import ModelCard, load_denoiser
 from .checkpoint import num_classes as card_num_classes
 from .denoiser import Denoiser
 from .errors import UserError
+from .normalize import Normalizer
 from .sampling import SAMPLERS, check_num_steps, sample_ancestral, sample_ddim, sample_dpmpp_2m
 from .seeds import PerSampleNoise, sample_seeds, seed_for
 
@@ -62,7 +63,8 @@ def generate(denoiser: Denoiser, card: ModelCard, *, steps: int, num: int | None
              sampler: str = "ddim", logvar_frac: float = 0.0, class_label: int | None = None, batch_size: int = 500,
              device: torch.device | str = "cpu", clip: bool | None = None, start: int = 0,
              noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
-    """Samples start..start+num-1 of seed `seed`; returns (num, *data shape) on the CPU.
+    """Samples start..start+num-1 of seed `seed`; returns (num, *data shape) on the CPU, in the data's
+    units (a vector model's normaliser is inverted; images are in [-1, 1]).
 
     `noise` (num, *data shape): the initial noise z_1 of those samples (row i is sample start+i)
     instead of the seeded one; `num` then follows it. Batches slice it, so results do not depend on
@@ -102,7 +104,9 @@ def generate(denoiser: Denoiser, card: ModelCard, *, steps: int, num: int | None
             step_noise = PerSampleNoise([seed_for(s, 1) for s in seeds], shape, device)
             x = sample_ancestral(denoiser, z_1, noise=step_noise, logvar_frac=logvar_frac, **kw)
         out.append(x.float().cpu())
-    return torch.cat(out)
+    x = torch.cat(out)
+    normalizer = Normalizer.from_dict(getattr(card, "normalizer", None))
+    return normalizer.decode(x.double()).float() if normalizer is not None else x
 
 
 @dataclass
@@ -117,7 +121,7 @@ class Model:
     def sample(self, num: int | None = None, *, steps: int | None = None, seed: int = 0, sampler: str = "ddim",
                logvar_frac: float = 0.0, class_label: int | None = None, batch_size: int = 500,
                noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
-        """Generate `num` samples (default 16) in [-1, 1] (images (num, C, H, W); vectors (num, d)).
+        """Generate `num` samples (default 16): images (num, C, H, W) in [-1, 1]; vectors (num, d) in the data's units.
 
         `noise`: initial noise of shape (num, *data shape) instead of the seeded one (num follows it),
         e.g. `diffusers.utils.torch_utils.randn_tensor(shape, generator=g)` to match a diffusers call.
