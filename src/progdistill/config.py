@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .errors import UserError
 from .losses import check_weighting
+from .normalize import check_normalize
 from .parameterization import check_param
 
 PRECISIONS = ("fp32", "bf16")
@@ -48,6 +49,7 @@ class TrainConfig:
     weighting: str = "snr_trunc"
     class_cond: bool = False
     label_dropout: float = 0.1
+    normalize: str = "standard"      # vector data: standard | minmax | none (images stay in [-1, 1])
     hflip: bool | None = None
     seed: int = 0
     precision: str = "fp32"
@@ -66,6 +68,7 @@ class TrainConfig:
             check_param(self.param)
         if self.iters is not None and (not isinstance(self.iters, int) or self.iters < 1):
             raise UserError(f"--iters must be a positive integer, got {self.iters!r}")
+        check_normalize(self.normalize)
         if not 0.0 <= self.label_dropout < 1.0:
             raise UserError(f"label dropout must lie in [0, 1), got {self.label_dropout}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:

@@ -10,13 +10,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
-from .checkpoint import (ModelCard, latest_state, load_state, read_json, rotate_states, save_model_folder,
+from .checkpoint import (CARD, ModelCard, latest_state, load_state, read_json, rotate_states, save_model_folder,
                          state_name, torch_save_atomic, write_json)
 from .config import TrainConfig, from_dict, to_dict
 from .data import Dataset, load_data, random_hflip
 from .denoiser import Denoiser
 from .errors import UserError
 from .losses import weighted_x_loss
+from .normalize import Normalizer, fit_normalizer
 from .models import ModelConfig, Preset, build_network, count_parameters, get_preset
 from .schedules import Schedule, alpha_sigma
 from .seeds import generator_for, seed_for
@@ -70,6 +71,15 @@ def model_config_for(preset: Preset, data: Dataset, cfg: TrainConfig) -> ModelCo
 def data_info(data: Dataset) -> dict:
     return {"spec": data.name, "kind": data.kind, "shape": list(data.shape), "num_classes": data.num_classes,
             "class_names": data.class_names, "size": len(data)}
+
+
+def run_normalizer(out: Path, data: Dataset, kind: str, *, resume: bool) -> Normalizer | None:
+    """The run's vector normaliser: fitted on the training data once; a resumed run reuses its card's."""
+    if data.kind != "vector":
+        return None                       # images are already in [-1, 1]
+    if resume and (out / CARD).is_file():
+        return Normalizer.from_dict(read_json(out / CARD, "model card").get("normalizer"))
+    return fit_normalizer(data.x, kind)
 
 
 def load_train_data(cfg: TrainConfig, preset: Preset | None) -> Dataset:
@@ -134,6 +144,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     preset = get_preset(cfg.preset)
     model_cfg = model_config_for(preset, data, cfg)
     schedule = Schedule.from_dict(cfg.schedule)
+    normalizer = run_normalizer(out, data, cfg.normalize, resume=resume)
+    if normalizer is not None:   # the diffusion sees u = (x - shift) / scale; sampling decodes
+        data.x = normalizer.encode(data.x.double()).float()
 
     torch.manual_seed(seed_for(cfg.seed, 10_000 + dist_info.rank))  # dropout only; all else is passed in
     net = build_network(model_cfg, cfg.param).to(dist_info.device)
@@ -170,7 +183,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
                               class_cond=cfg.class_cond)
 
     card = ModelCard(model=model_cfg, param=cfg.param, schedule=schedule, data=data_info(data), kind="teacher",
-                     weights="ema", provenance={"progdistill": __version__, "preset": preset.name,
+                     weights="ema", normalizer=normalizer.to_dict() if normalizer is not None else None,
+                     provenance={"progdistill": __version__, "preset": preset.name,
                                                 "weighting": cfg.weighting, "seed": cfg.seed})
 
     def save_fn(step: int) -> None:
