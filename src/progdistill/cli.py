@@ -23,7 +23,8 @@ EXAMPLES = {
     "distill": """examples:
   progdistill distill --teacher runs/teacher --out runs/distill
   progdistill distill --teacher runs/teacher --out runs/d4 --final-steps 4 --iters-per-round 500
-  progdistill distill --teacher runs/eps-teacher --out runs/d --student-param v""",
+  progdistill distill --teacher runs/eps-teacher --out runs/d --student-param v
+  progdistill distill --teacher diffusers:~/ddpm-digits --data digits --out runs/d   # a diffusers DDPMPipeline folder""",
     "sample": """examples:
   progdistill sample --model runs/teacher --steps 256 --num 64 --out teacher.png
   progdistill sample --model runs/distill/steps-0004 --steps 4 --num 64 --out pd4.png --npz pd4.npz
@@ -76,14 +77,19 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int)
     t.add_argument("--class-cond", action="store_true", help="class-conditional (with a null class for guidance)")
     t.add_argument("--label-dropout", type=float, default=0.1)
+    t.add_argument("--normalize", default="standard", choices=["standard", "minmax", "none"],
+                   help="vector data: per-dimension zero mean / unit variance (standard), range to [-1, 1] (minmax) "
+                        "or none; stored in the model card and inverted when sampling. Images stay in [-1, 1]")
     t.add_argument("--sample-steps", type=int, default=256, help="DDIM steps for the final sample grid")
     _common_run_args(t, checkpoint_every=1000)
 
     s = add("distill", "progressive distillation (paper Algorithm 2) of a trained teacher")
-    s.add_argument("--teacher", required=True, help="teacher run folder (its EMA weights are used)")
+    s.add_argument("--teacher", required=True, help="teacher run folder (its EMA weights are used), or diffusers:PATH "
+                   "(a diffusers pipeline folder with a UNet2DModel unet and a DDPM/DDIM-style scheduler)")
     s.add_argument("--out", required=True, help="distillation run folder")
-    s.add_argument("--data", default=None, help="data to draw x from (default: the teacher's)")
-    s.add_argument("--start-steps", type=int, help="N0, the teacher's DDIM steps (power of two)")
+    s.add_argument("--data", default=None, help="data to draw x from (default: the teacher's; required for diffusers:)")
+    s.add_argument("--start-steps", type=int, help="N0, the teacher's DDIM steps (power of two; default: the preset's, "
+                   "or for an imported T-step teacher the largest power of two <= T, e.g. 512 for T = 1000)")
     s.add_argument("--final-steps", type=int, default=1, help="N1 (power of two, < N0)")
     s.add_argument("--iters-per-round", type=int)
     s.add_argument("--last-rounds-factor", type=float, default=1.0, help="train the last two rounds F x longer")
@@ -95,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     _common_run_args(s, checkpoint_every=200)
 
     m = add("sample", "sample from a teacher run or a distilled model")
-    m.add_argument("--model", required=True, help="run folder, distillation run (latest round) or steps-NNNN")
+    m.add_argument("--model", required=True, help="run folder, distillation run (latest round), steps-NNNN or "
+                   "diffusers:PATH")
     m.add_argument("--steps", type=int, default=None, help="sampling steps (default: what the model was distilled for)")
     m.add_argument("--num", type=int, default=64)
     m.add_argument("--out", default=None, help="PNG grid (images) or scatter plot (vectors)")
@@ -141,7 +148,8 @@ def cmd_train(a) -> None:
     from .teacher import train
     cfg = TrainConfig(data=a.data, preset=a.preset, iters=a.iters, batch_size=a.batch_size, lr=a.lr, param=a.param,
                       weighting=a.weighting, dropout=a.dropout, ema_decay=a.ema_decay, warmup=a.warmup,
-                      class_cond=a.class_cond, label_dropout=a.label_dropout, seed=a.seed, precision=a.precision,
+                      class_cond=a.class_cond, label_dropout=a.label_dropout, normalize=a.normalize, seed=a.seed,
+                      precision=a.precision,
                       grad_accum=a.grad_accum, checkpoint_every=a.checkpoint_every, keep_last=a.keep_last,
                       time_limit=a.time_limit, log_every=a.log_every)
     out = train(cfg, a.out, resume=a.resume, progress=not a.no_progress)

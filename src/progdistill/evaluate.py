@@ -304,7 +304,8 @@ def add_eval_parser(sub) -> None:
                        epilog="examples:\n  progdistill eval --model runs/demo/distill --steps 1,2,4,8 --num 1000\n"
                               "  progdistill eval --model runs/gmm-distill --data toy:gmm --metric sw,energy,nll\n"
                               "  progdistill eval --model runs/c10-distill --metric fid --inception inception.pt")
-    e.add_argument("--model", required=True, help="distillation run, its steps-NNNN folder, or a teacher run")
+    e.add_argument("--model", required=True, help="distillation run, its steps-NNNN folder, a teacher run, "
+                   "or diffusers:PATH (then --data is required)")
     e.add_argument("--data", default=None, help="reference data spec (default: the teacher's)")
     e.add_argument("--steps", default=None, help="comma list, e.g. 1,2,4,8 (default: the run's distilled steps)")
     e.add_argument("--sampler", default=None, help=f"comma list of methods from {','.join(METHODS)} (default: all)")
