@@ -215,8 +215,8 @@ def readme_text(card: ModelCard, src: Source, out: Path, meta: dict, ctx: dict, 
     sched_text = (f"cosine logSNR in [{sched.logsnr_min:g}, {sched.logsnr_max:g}] (method.md §1), T = {sched.num_train_timesteps}"
                   if sched.kind == "cosine" else f"discrete table of {sched.num_train_timesteps} betas")
     L = [f"# {out.name}: diffusers DDIMPipeline exported by progdistill", "",
-         f"This folder holds {what} exported by [progdistill](https://arxiv.org/abs/2202.00512) "
-         f"{__version__} from `{src.name}`, as a diffusers `DDIMPipeline` (a `UNet2DModel` plus a `DDIMScheduler`).", "",
+         f"This folder holds {what} exported by progdistill {__version__} (progressive distillation, Salimans & Ho "
+         f"2022, [arXiv:2202.00512](https://arxiv.org/abs/2202.00512)) from `{src.name}`, as a diffusers `DDIMPipeline` (a `UNet2DModel` plus a `DDIMScheduler`).", "",
          "## Sample it", ""]
     call = (f'pipe = DiffusionPipeline.from_pretrained("{out}")\n'
             f"images = pipe(batch_size=16, generator=torch.Generator().manual_seed(0), num_inference_steps={n}, "
@@ -262,7 +262,7 @@ def readme_text(card: ModelCard, src: Source, out: Path, meta: dict, ctx: dict, 
           f"| schedule | {sched_text} |",
           f"| clipping | {'x_pred clipped to ±' + format(meta['clip_range'], 'g') if meta['clip'] else 'none'} |",
           f"| weights | {_weights_text(card)} |",
-          f"| iterations | {card.iteration:,} |", "",
+          f"| iterations | {'— (imported)' if src.folder is None else format(card.iteration, ',')} |", "",
           "## How it was made", ""]
     L += _provenance_lines(card, src, ctx) + [""]
     if ctx.get("eval"):
