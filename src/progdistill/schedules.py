@@ -97,9 +97,9 @@ class Schedule:
     # zero-terminal-SNR table (beta_{T-1} = 1, abar_{T-1} = 0, lambda_{T-1} = -inf) is instead
     # linear in abar on its last segment, abar = abar_{T-2} (1 - w), w = j - (T - 2): lambda is
     # finite for t < 1 and -inf exactly at t = 1.
-    def _table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(abar_j, lambda_j) for j = 0 .. T-1, float64."""
-        abar = abar_from_betas(self.betas)
+    def _table(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(abar_j, lambda_j) for j = 0 .. T-1, float64, on `device` (the input's, so samplers run on GPUs)."""
+        abar = abar_from_betas(self.betas).to(device)
         return abar, torch.log(abar) - torch.log1p(-abar)
 
     @property
@@ -109,10 +109,10 @@ class Schedule:
 
     def _logsnr_at_index(self, j: torch.Tensor) -> torch.Tensor:
         """lambda at the fractional knot index j (float64), clamped to [0, T - 1]."""
-        abar, lam = self._table()
+        abar, lam = self._table(j.device)
         T = len(abar)
         j = j.clamp(0.0, T - 1.0)
-        idx = torch.arange(T, dtype=torch.float64)
+        idx = torch.arange(T, dtype=torch.float64, device=j.device)
         if not self.zero_terminal_snr:
             return _interp(j, idx, lam)
         w = (j - (T - 2)).clamp(0.0, 1.0)
@@ -122,9 +122,9 @@ class Schedule:
 
     def _index_from_logsnr(self, logsnr: torch.Tensor) -> torch.Tensor:
         """The inverse of `_logsnr_at_index`: j(lambda) in [0, T - 1] (float64; knots map to integers)."""
-        abar, lam = self._table()
+        abar, lam = self._table(logsnr.device)
         T = len(abar)
-        idx = torch.arange(T, dtype=torch.float64)
+        idx = torch.arange(T, dtype=torch.float64, device=logsnr.device)
         if not self.zero_terminal_snr:
             # lambda decreases in j: interpolate on the reversed (increasing) table.
             return _interp(logsnr, lam.flip(0), idx.flip(0))
