@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--weighting", default="snr_trunc", choices=["const", "snr", "snr_trunc", "snr_plus_one"])
     t.add_argument("--dropout", type=float)
     t.add_argument("--ema-decay", type=float)
+    t.add_argument("--lr-decay", choices=["constant", "cosine"], default=None,
+                   help="after warm-up: constant lr, or a cosine decay to --lr-final-frac x lr (default: the preset's)")
+    t.add_argument("--lr-final-frac", type=float, default=0.02)
     t.add_argument("--warmup", type=int)
     t.add_argument("--class-cond", action="store_true", help="class-conditional (with a null class for guidance)")
     t.add_argument("--label-dropout", type=float, default=0.1)
@@ -149,6 +152,7 @@ def cmd_train(a) -> None:
     cfg = TrainConfig(data=a.data, preset=a.preset, iters=a.iters, batch_size=a.batch_size, lr=a.lr, param=a.param,
                       weighting=a.weighting, dropout=a.dropout, ema_decay=a.ema_decay, warmup=a.warmup,
                       class_cond=a.class_cond, label_dropout=a.label_dropout, normalize=a.normalize, seed=a.seed,
+                      lr_decay=a.lr_decay, lr_final_frac=a.lr_final_frac,
                       precision=a.precision,
                       grad_accum=a.grad_accum, checkpoint_every=a.checkpoint_every, keep_last=a.keep_last,
                       time_limit=a.time_limit, log_every=a.log_every)

@@ -11,6 +11,7 @@ from .normalize import check_normalize
 from .parameterization import check_param
 
 PRECISIONS = ("fp32", "bf16")
+LR_DECAYS = ("constant", "cosine")
 
 
 def _check_common(cfg) -> None:
@@ -42,6 +43,8 @@ class TrainConfig:
     weight_decay: float | None = None
     warmup: int | None = None
     ema_decay: float | None = None
+    lr_decay: str | None = None      # "constant" (after warm-up) or "cosine" (to lr_final_frac x lr); None: preset's
+    lr_final_frac: float = 0.02
     ema_warmup: bool = True          # decay min(ema_decay, (1 + n) / (10 + n)): lets short runs' EMA move
     grad_clip: float | None = 1.0
     dropout: float | None = None
@@ -69,6 +72,10 @@ class TrainConfig:
         if self.iters is not None and (not isinstance(self.iters, int) or self.iters < 1):
             raise UserError(f"--iters must be a positive integer, got {self.iters!r}")
         check_normalize(self.normalize)
+        if self.lr_decay is not None and self.lr_decay not in LR_DECAYS:
+            raise UserError(f"--lr-decay must be one of {', '.join(LR_DECAYS)}, got {self.lr_decay!r}")
+        if not 0.0 <= self.lr_final_frac <= 1.0:
+            raise UserError(f"--lr-final-frac must lie in [0, 1], got {self.lr_final_frac}")
         if not 0.0 <= self.label_dropout < 1.0:
             raise UserError(f"label dropout must lie in [0, 1), got {self.label_dropout}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:

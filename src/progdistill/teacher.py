@@ -21,7 +21,7 @@ from .normalize import Normalizer, fit_normalizer
 from .models import ModelConfig, Preset, build_network, count_parameters, get_preset
 from .schedules import Schedule, alpha_sigma
 from .seeds import generator_for, seed_for
-from .training import (EMA, MetricsLog, init_distributed, local_slice, lr_warmup_constant, optimize,
+from .training import (EMA, MetricsLog, init_distributed, local_slice, lr_warmup_constant, lr_warmup_cosine, optimize,
                        rng_state, set_rng_state)
 
 
@@ -41,7 +41,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     fill = {}
     if p is not None:
         fill = dict(preset=p.name, iters=p.iters, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
-                    warmup=p.warmup, ema_decay=p.ema_decay, dropout=p.model.dropout, param=p.param, hflip=p.hflip)
+                    warmup=p.warmup, ema_decay=p.ema_decay, dropout=p.model.dropout, param=p.param, hflip=p.hflip,
+                    lr_decay=p.extra.get("lr_decay", "constant"))
     changes = {k: v for k, v in fill.items() if getattr(cfg, k) is None}
     return dataclasses.replace(cfg, **changes).validate()
 
@@ -120,6 +121,13 @@ def diffusion_loss(denoiser, batch: dict, sl: slice, *, schedule: Schedule, weig
     return weighted_x_loss(x, x_pred, logsnr, weighting).mean()
 
 
+def teacher_lr(cfg: TrainConfig):
+    """Warm-up, then constant (method.md §5) or a cosine decay to lr_final_frac x lr over the run."""
+    if cfg.lr_decay == "cosine":
+        return lr_warmup_cosine(cfg.lr, cfg.warmup, cfg.iters, cfg.lr_final_frac)
+    return lr_warmup_constant(cfg.lr, cfg.warmup)
+
+
 def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
     """Train a teacher into run folder `out`; returns it. Resumable exactly with `resume=True`."""
     out = Path(out)
@@ -128,7 +136,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     if resume:
         if not (out / "config.json").is_file():
             raise UserError(f"--resume: {out} has no config.json; start a new run without --resume")
-        saved = from_dict(TrainConfig, read_json(out / "config.json", "run config"))
+        saved_d = read_json(out / "config.json", "run config")
+        saved_d.setdefault("lr_decay", "constant")   # runs from before the option kept a constant lr
+        saved = from_dict(TrainConfig, saved_d)
         cfg = dataclasses.replace(saved, time_limit=cfg.time_limit, iters=cfg.iters or saved.iters)
     elif (out / "config.json").exists():
         raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
@@ -203,7 +213,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
 
     deadline = time.time() + 60 * cfg.time_limit if cfg.time_limit else None
     result = optimize(model=model, params=list(net.parameters()), optimizer=optimizer, loss_fn=loss_fn,
-                      lr_fn=lr_warmup_constant(cfg.lr, cfg.warmup), start_step=start, iters=cfg.iters,
+                      lr_fn=teacher_lr(cfg), start_step=start, iters=cfg.iters,
                       grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip, precision=cfg.precision,
                       dist_info=dist_info, ema=ema, ema_target=net, save_fn=save_fn,
                       checkpoint_every=cfg.checkpoint_every, deadline=deadline,

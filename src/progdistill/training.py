@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -86,6 +87,17 @@ class EMA:
 def lr_warmup_constant(base: float, warmup: int) -> Callable[[int], float]:
     """lr = base * min(1, (step + 1) / warmup) (teacher training, method.md §5)."""
     return lambda step: base * min(1.0, (step + 1) / max(1, warmup))
+
+
+def lr_warmup_cosine(base: float, warmup: int, total: int, final_frac: float) -> Callable[[int], float]:
+    """Warm-up as above, then lr = base (f + (1 - f)(1 + cos(pi p)) / 2) with p = (step - warmup) / (total - warmup):
+    a cosine decay to f x base at the last step."""
+    def lr(step: int) -> float:
+        if step < warmup:
+            return base * (step + 1) / max(1, warmup)
+        p = min(1.0, (step - warmup) / max(1, total - warmup))
+        return base * (final_frac + (1.0 - final_frac) * 0.5 * (1.0 + math.cos(math.pi * p)))
+    return lr
 
 
 def lr_linear_decay(base: float, total: int) -> Callable[[int], float]:
