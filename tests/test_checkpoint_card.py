@@ -14,7 +14,7 @@ from progdistill.errors import UserError
 from progdistill.models import ModelConfig, UNet2DModel, build_network, network_spec
 from progdistill.schedules import Schedule, linear_betas
 
-TINY = ModelConfig(resolution=8, channels=1, block_out_channels=(16, 32), attention_resolutions=(4,), norm_num_groups=8,
+TINY = ModelConfig(resolution=8, channels=1, block_out_channels=(16, 32), attention_levels=(1,), norm_num_groups=8,
                    num_classes=3)
 DATA = {"spec": "digits", "kind": "image", "shape": [1, 8, 8], "num_classes": 3, "class_names": None}
 
@@ -55,7 +55,7 @@ def v1_dict(model: ModelConfig, kind: str = "image") -> dict:
 
 
 @pytest.mark.parametrize("model", [TINY, ModelConfig(kind="mlp", channels=2, hidden=32, depth=2, block_out_channels=(),
-                                                     attention_resolutions=())], ids=["unet", "mlp"])
+                                                     attention_levels=())], ids=["unet", "mlp"])
 def test_card_v1_still_loads_and_builds_the_same_network(tmp_path, model):
     kind = "image" if model.kind == "unet" else "vector"
     torch.manual_seed(1)
@@ -101,7 +101,7 @@ def test_any_unet2d_round_trips_through_its_network_config(tmp_path):
 def test_student_network_from_a_card(tmp_path, teacher, student, channels):
     """build_network_from_card(card, param): same architecture, output channels for the student's parameterization."""
     torch.manual_seed(3)
-    cfg = ModelConfig(resolution=8, channels=1, block_out_channels=(16, 32), attention_resolutions=(4,),
+    cfg = ModelConfig(resolution=8, channels=1, block_out_channels=(16, 32), attention_levels=(1,),
                       norm_num_groups=8, dropout=0.1)
     net = build_network(cfg, teacher)
     card = ModelCard(model=cfg, param=teacher, schedule=Schedule(), data=DATA, network=network_spec(net))

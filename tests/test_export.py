@@ -34,7 +34,7 @@ DATA = {"spec": "digits", "kind": "image", "shape": list(SHAPE), "num_classes": 
 
 
 def tiny_config(**kw) -> ModelConfig:
-    return ModelConfig(resolution=8, channels=1, block_out_channels=(16, 32), attention_resolutions=(),
+    return ModelConfig(resolution=8, channels=1, block_out_channels=(16, 32), attention_levels=(),
                        norm_num_groups=8, **kw)
 
 
@@ -203,7 +203,7 @@ def test_export_errors_are_one_line_and_write_nothing(tmp_path, capsys, what, me
     elif what == "both":
         write_model(src, param="both", kind="student", steps=4)
     elif what == "mlp":
-        cfg = ModelConfig(kind="mlp", channels=2, hidden=16, depth=1, block_out_channels=(), attention_resolutions=())
+        cfg = ModelConfig(kind="mlp", channels=2, hidden=16, depth=1, block_out_channels=(), attention_levels=())
         card = ModelCard(model=cfg, param="v", schedule=Schedule(), kind="student", steps=4, weights="model",
                          data={"spec": "toy:moons", "kind": "vector", "shape": [2], "num_classes": 0})
         save_model_folder(src, card, {"model": build_network(cfg, "v")})

@@ -21,7 +21,7 @@ ATOL = 1e-5   # the same sample in another batch: CPU kernels differ by ~1e-6 wi
 
 @pytest.fixture(scope="module")
 def model() -> Model:
-    cfg = ModelConfig(resolution=8, channels=1, block_out_channels=(16, 32), attention_resolutions=(), norm_num_groups=8)
+    cfg = ModelConfig(resolution=8, channels=1, block_out_channels=(16, 32), attention_levels=(), norm_num_groups=8)
     torch.manual_seed(0)
     net = build_network(cfg, "v").eval()
     card = ModelCard(model=cfg, param="v", schedule=Schedule(), kind="teacher",
