@@ -65,9 +65,13 @@ def test_digits_stratified_and_deterministic():
 
 
 def test_digits_shape_options():
-    assert load_data("digits", resolution=8, channels=1).shape == (1, 8, 8)
-    raises(r"8x8 but resolution=32", load_data, "digits", resolution=32)
-    raises(r"channels=3", load_data, "digits", channels=3)
+    same = load_data("digits", resolution=8, channels=1)
+    assert same.shape == (1, 8, 8) and same.note is None
+    big = load_data("digits", resolution=32, channels=3)   # options convert, and say so in one line
+    assert big.shape == (3, 32, 32) and big.note == "digits: grayscale repeated to 3 channels, 8x8 upscaled to 32x32"
+    assert big.x.min() >= -1 and big.x.max() <= 1 and torch.equal(big.x[:, 0], big.x[:, 2])
+    raises(r"resolution must be a positive integer", load_data, "digits", resolution=0)
+    raises(r"channels must be 1 \(grayscale\) or 3", load_data, "digits", channels=2)
 
 
 # ------------------------------------------------------------------------------- toys
@@ -171,8 +175,7 @@ def test_folder_class_subfolders(tmp_path):
 
 
 def test_folder_errors(tmp_path):
-    raises(r"needs both resolution and channels", load_data, f"folder:{tmp_path}", resolution=8)
-    raises(r"channels 1 or 3", load_data, f"folder:{tmp_path}", resolution=8, channels=2)
+    raises(r"channels must be 1 \(grayscale\) or 3", load_data, f"folder:{tmp_path}", resolution=8, channels=2)
     raises(r"does not exist", load_data, f"folder:{tmp_path / 'nope'}", resolution=8, channels=3)
     raises(r"no images found", load_data, f"folder:{tmp_path}", resolution=8, channels=3)
     raises(r"not a folder", load_data, f"folder:{_png(tmp_path / 'x.png')}", resolution=8, channels=3)
@@ -216,8 +219,8 @@ def test_npz_float_images_and_shape_checks(tmp_path):
     spec = f"npz:{tmp_path / 'f.npz'}"
     ds = load_data(spec, resolution=6, channels=1)
     assert ds.x.min() >= -1 and ds.x.max() <= 1
-    raises(r"6x6 but resolution=8", load_data, spec, resolution=8)
-    raises(r"1 channel\(s\) but channels=3", load_data, spec, channels=3)
+    assert load_data(spec, resolution=4).note == f"{spec}: 6x6 downscaled to 4x4 (lossy)"
+    assert load_data(spec, channels=3).shape == (3, 6, 6)
 
 
 def test_npz_errors(tmp_path):
@@ -285,7 +288,8 @@ def test_cifar10_splits(tmp_path):
     assert len(test) == 2 and test.y.tolist() == batches["test_batch"][1]
     assert torch.equal(load_data(f"cifar10:{root}", split="heldout").x, test.x)
     assert len(load_data(f"cifar10:{root}", split="all")) == 9
-    raises(r"32x32 but resolution=64", load_data, f"cifar10:{root}", resolution=64)
+    gray = load_data(f"cifar10:{root}", resolution=16, channels=1)
+    assert gray.shape == (1, 16, 16) and "RGB -> grayscale (lossy), 32x32 downscaled to 16x16 (lossy)" in gray.note
 
 
 def test_cifar10_refuses_malicious_pickle(tmp_path):

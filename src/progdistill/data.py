@@ -2,6 +2,8 @@
 
 Specs: ``digits`` | ``toy:NAME`` | ``folder:PATH`` | ``npz:PATH`` | ``cifar10:PATH``.
 Images come back as float32 (n, C, H, W) in [-1, 1]; toy/vector data as float32 (n, d).
+An image source keeps its own shape unless `resolution`/`channels` ask for another; every
+conversion is described in one line, `Dataset.note`, for the caller to print.
 Every problem with the user's data raises :class:`UserError` with a one-line message.
 """
 
@@ -9,11 +11,13 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from .cifar10 import read_cifar10
@@ -28,6 +32,7 @@ DIGITS_HELDOUT = 500  # fixed stratified hold-out of sklearn's 1,797 digits (ran
 TOY_TRAIN_SIZE = 50_000  # fixed training set drawn with `seed`
 TOY_HELDOUT_SIZE = 10_000  # fixed held-out set drawn with seed + TOY_HELDOUT_SEED_OFFSET
 TOY_HELDOUT_SEED_OFFSET = 1_000_003
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
 
 
 @dataclass
@@ -40,6 +45,7 @@ class Dataset:
     kind: str  # "image" or "vector"
     name: str  # the spec it came from
     class_names: list[str] | None = None
+    note: str | None = None  # one line naming any conversion (resize, crop, RGB -> gray), for the caller to print
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -50,14 +56,45 @@ class Dataset:
         return int(self.x.shape[0])
 
 
-def _check_image_shape(spec: str, x: torch.Tensor, resolution: int | None, channels: int | None) -> None:
+def _check_shape_options(spec: str, resolution: int | None, channels: int | None) -> None:
+    if resolution is not None and (not isinstance(resolution, int) or resolution < 1):
+        raise UserError(f"{spec}: resolution must be a positive integer, got {resolution!r}")
+    if channels is not None and channels not in (1, 3):
+        raise UserError(f"{spec}: channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+
+
+def conform_images(spec: str, x: torch.Tensor, *, resolution: int | None,
+                   channels: int | None) -> tuple[torch.Tensor, str | None]:
+    """Images x (n, C, H, W) in [-1, 1] at `channels` and a `resolution` square (None: keep), plus a note.
+
+    RGB -> gray uses the ITU-R 601-2 luma weights; gray -> RGB repeats the channel; a non-square
+    image is centre-cropped to its shorter side, then resized (bicubic, antialiased) and clamped.
+    """
+    _check_shape_options(spec, resolution, channels)
+    notes = []
     c, h, w = x.shape[1:]
     if channels is not None and c != channels:
-        raise UserError(f"{spec}: images have {c} channel(s) but channels={channels} was requested; "
-                        f"pass channels={c} or convert the data")
+        if (c, channels) == (3, 1):
+            x = torch.einsum("nchw,c->nhw", x, torch.tensor(LUMA, dtype=x.dtype)).unsqueeze(1)
+            notes.append("RGB -> grayscale (lossy)")
+        elif (c, channels) == (1, 3):
+            x = x.expand(-1, 3, -1, -1).contiguous()
+            notes.append("grayscale repeated to 3 channels")
+        else:
+            raise UserError(f"{spec}: images have {c} channels, which cannot be converted to {channels}; "
+                            f"save 1- or 3-channel images")
     if resolution is not None and (h, w) != (resolution, resolution):
-        raise UserError(f"{spec}: images are {h}x{w} but resolution={resolution} was requested; "
-                        f"pass resolution={h} (square images) or resize the data")
+        side = min(h, w)
+        if h != w:
+            top, left = (h - side) // 2, (w - side) // 2
+            x = x[:, :, top:top + side, left:left + side]
+            notes.append(f"{h}x{w} centre-cropped to {side}x{side} (lossy)")
+        if side != resolution:
+            x = F.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False,
+                              antialias=resolution < side).clamp(-1.0, 1.0)
+            notes.append(f"{side}x{side} {'downscaled' if resolution < side else 'upscaled'} to "
+                         f"{resolution}x{resolution}{' (lossy)' if resolution < side else ''}")
+    return x.contiguous(), (f"{spec}: " + ", ".join(notes)) if notes else None
 
 
 def _no_image_options(spec: str, resolution: int | None, channels: int | None) -> None:
@@ -100,9 +137,9 @@ def _load_digits(spec: str, split: str, resolution: int | None, channels: int | 
     images, target, train, held = _digits()
     idx = {"train": train, "heldout": held, "all": np.arange(len(target))}[split]
     x = torch.from_numpy((images[idx] / 16.0 * 2.0 - 1.0).astype(np.float32)).unsqueeze(1)
-    _check_image_shape(spec, x, resolution, channels)
+    x, note = conform_images(spec, x, resolution=resolution, channels=channels)
     y = torch.from_numpy(target[idx].astype(np.int64))
-    return Dataset(x, y, 10, "image", spec, [str(i) for i in range(10)])
+    return Dataset(x, y, 10, "image", spec, [str(i) for i in range(10)], note=note)
 
 
 def _load_toy(spec: str, name: str, split: str, seed: int) -> Dataset:
@@ -116,31 +153,68 @@ def _load_toy(spec: str, name: str, split: str, seed: int) -> Dataset:
 
 
 # -------------------------------------------------------------------------------- folder
-def _read_image(path: Path, resolution: int, mode: str) -> np.ndarray:
+_GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "F")
+
+
+def _open(path: Path) -> Image.Image:
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            if img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")
-            img = img.convert(mode)
+        img = Image.open(path)
+        img.load()
+        return img
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise UserError(f"cannot read image {path}: {one_line(err)}; fix or remove the file") from None
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF rotation applied), read from the header only."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            rotated = img.getexif().get(0x0112) in (5, 6, 7, 8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise UserError(f"cannot read image {path}: {one_line(err)}; fix or remove the file") from None
+    return (h, w) if rotated else (w, h)
+
+
+def _read_image(path: Path, resolution: int) -> np.ndarray:
+    """One image as uint8 RGB (3, r, r): shorter side scaled to r (bicubic), then centre-cropped."""
+    with _open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        img = img.convert("RGB")
     w, h = img.size
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
     img = img.resize((nw, nh), Image.Resampling.BICUBIC)
     left, top = (nw - resolution) // 2, (nh - resolution) // 2
     img = img.crop((left, top, left + resolution, top + resolution))
-    arr = np.asarray(img, dtype=np.uint8)
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _folder_note(spec: str, sizes: list[tuple[int, int]], side: int, *, chosen: bool, to_gray: bool,
+                 to_rgb: bool) -> str | None:
+    """One line: how many images were resized/cropped to side x side, and any channel conversion."""
+    parts = []
+    off = [(w, h) for w, h in sizes if (w, h) != (side, side)]
+    if off:
+        why = "as requested" if chosen else "the most common size; --resolution chooses another"
+        what = [f"{k} {verb}" for k, verb in (
+            (sum(min(wh) > side for wh in off), "downscaled (lossy)"),
+            (sum(min(wh) < side for wh in off), "upscaled"),
+            (sum(w != h for w, h in off), "non-square centre-cropped (lossy)")) if k]
+        parts.append(f"{len(off)} of {len(sizes)} images made {side}x{side} ({why}): {', '.join(what)}")
+    if to_gray:
+        parts.append("RGB -> grayscale (lossy)")
+    if to_rgb:
+        parts.append("grayscale repeated to 3 channels")
+    return f"{spec}: " + "; ".join(parts) if parts else None
 
 
 def _load_folder(spec: str, root: Path, split: str, resolution: int | None, channels: int | None) -> Dataset:
-    if resolution is None or channels is None:
-        raise UserError(f"{spec}: folder data needs both resolution and channels; pass them")
-    if resolution < 1 or channels not in (1, 3):
-        raise UserError(f"{spec}: need resolution >= 1 and channels 1 or 3, got {resolution} and {channels}")
+    """Images under root (flat, or one sub-folder per class). Defaults: the most common size (shorter
+    side, centre-cropped) and 3 channels if any image has colour, else 1."""
+    _check_shape_options(spec, resolution, channels)
     if split not in ("train", "all"):
         raise UserError(f"{spec}: a folder has no {split!r} split; "
                         f"point a second folder: spec at held-out images")
@@ -157,13 +231,26 @@ def _load_folder(spec: str, root: Path, split: str, resolution: int | None, chan
     if any(top_level) and not all(top_level):
         raise UserError(f"{spec}: {root} mixes images at the top level and in sub-folders; "
                         f"put all in class sub-folders or none")
-    mode = "L" if channels == 1 else "RGB"
-    x = _to_images(spec, np.stack([_read_image(f, resolution, mode) for f in files]))
+    sizes = [_image_size(f) for f in files]
+    side = resolution if resolution is not None else min(Counter(sizes).most_common(1)[0][0])
+    rgb = np.stack([_read_image(f, side) for f in files])                  # (n, 3, side, side) uint8
+    colour = bool((rgb[:, 0] != rgb[:, 1]).any() or (rgb[:, 1] != rgb[:, 2]).any())
+    c = channels if channels is not None else (3 if colour else 1)
+    arr = rgb if c == 3 else (rgb[:, :1] if not colour else _luma_uint8(rgb))
+    note = _folder_note(spec, sizes, side, chosen=resolution is not None, to_gray=c == 1 and colour,
+                        to_rgb=c == 3 and not colour)
+    x = _to_images(spec, np.ascontiguousarray(arr))
     if all(top_level):
-        return Dataset(x, None, 0, "image", spec)
+        return Dataset(x, None, 0, "image", spec, note=note)
     class_names = sorted({p[0] for p in rel})
     y = torch.tensor([class_names.index(p[0]) for p in rel], dtype=torch.int64)
-    return Dataset(x, y, len(class_names), "image", spec, class_names)
+    return Dataset(x, y, len(class_names), "image", spec, class_names, note=note)
+
+
+def _luma_uint8(rgb: np.ndarray) -> np.ndarray:
+    """uint8 RGB (n, 3, H, W) -> (n, 1, H, W) with PIL's fixed-point ITU-R 601-2 luma."""
+    r, g, b = (rgb[:, i:i + 1].astype(np.uint32) for i in range(3))
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------- npz
@@ -191,6 +278,7 @@ def _load_npz(spec: str, path: Path, split: str, resolution: int | None, channel
         raise UserError(f"{spec}: array is empty; save at least one example")
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         raise UserError(f"{spec}: {path} contains NaN or inf values; clean the data")
+    note = None
     if arr.ndim == 2:
         _no_image_options(spec, resolution, channels)
         x, kind = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)), "vector"
@@ -200,27 +288,26 @@ def _load_npz(spec: str, path: Path, split: str, resolution: int | None, channel
         elif arr.shape[3] in (1, 3, 4) and arr.shape[1] not in (1, 3, 4):
             arr = arr.transpose(0, 3, 1, 2)
         x, kind = _to_images(spec, np.ascontiguousarray(arr)), "image"
-        _check_image_shape(spec, x, resolution, channels)
+        x, note = conform_images(spec, x, resolution=resolution, channels=channels)
     else:
         raise UserError(f"{spec}: array has shape {arr.shape}; "
                         f"save (n, d) vectors or (n, [C,] H, W[, C]) images")
     if labels is None:
-        return Dataset(x, None, 0, kind, spec)
+        return Dataset(x, None, 0, kind, spec, note=note)
     if labels.ndim != 1 or len(labels) != len(x):
         raise UserError(f"{spec}: y has shape {labels.shape} but x has {len(x)} examples; "
                         f"save one label per example")
     if not np.issubdtype(labels.dtype, np.integer) or (len(labels) and labels.min() < 0):
         raise UserError(f"{spec}: y must hold non-negative integer class labels; got dtype {labels.dtype}")
     y = torch.from_numpy(labels.astype(np.int64))
-    return Dataset(x, y, int(y.max()) + 1, kind, spec)
+    return Dataset(x, y, int(y.max()) + 1, kind, spec, note=note)
 
 
 # ------------------------------------------------------------------------------- cifar10
 def _load_cifar10(spec: str, root: Path, split: str, resolution: int | None, channels: int | None) -> Dataset:
     arr, labels, class_names = read_cifar10(spec, root, split)
-    x = _to_images(spec, arr)
-    _check_image_shape(spec, x, resolution, channels)
-    return Dataset(x, torch.from_numpy(labels), len(class_names), "image", spec, class_names)
+    x, note = conform_images(spec, _to_images(spec, arr), resolution=resolution, channels=channels)
+    return Dataset(x, torch.from_numpy(labels), len(class_names), "image", spec, class_names, note=note)
 
 
 # ---------------------------------------------------------------------------------- API
@@ -228,9 +315,11 @@ def load_data(spec: str, *, split: str = "train", resolution: int | None = None,
               channels: int | None = None, seed: int = 0) -> Dataset:
     """Load the data set named by ``spec`` (see module docstring).
 
-    ``split`` is "train", "heldout" (alias "test") or "all". ``resolution``/``channels`` are
-    required for ``folder:`` and otherwise only checked against the data. ``seed`` only
-    affects ``toy:`` draws; the digits hold-out split is fixed.
+    ``split`` is "train", "heldout" (alias "test") or "all". Images keep their own shape
+    (``folder:``: the most common size, 3 channels if any image has colour, else 1) unless
+    ``resolution``/``channels`` ask for another; ``Dataset.note`` then names the conversion in
+    one line. They do not apply to vectors. ``seed`` only affects ``toy:`` draws; the digits
+    hold-out split is fixed.
     """
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")

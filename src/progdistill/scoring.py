@@ -41,12 +41,15 @@ class Scorer:
                    else load_data(spec, split="train", seed=seed).x[:num])
         else:
             try:
-                ref = load_data(spec, split=split, resolution=res, channels=ch).x
+                ds = load_data(spec, split=split, resolution=res, channels=ch)
             except UserError:
                 if split == "train":
                     raise
                 log(f"{spec} has no held-out split: scoring against its training split")
-                ref = load_data(spec, split="train", resolution=res, channels=ch).x
+                ds = load_data(spec, split="train", resolution=res, channels=ch)
+            if ds.note:
+                log(f"data: {ds.note}")
+            ref = ds.x
         if tuple(ref.shape[1:]) != tuple(shape):
             raise UserError(f"--data {spec} has shape {tuple(ref.shape[1:])} but the model makes {tuple(shape)}")
         self.ref = ref
