@@ -175,7 +175,7 @@ def test_eps_teacher_distils_into_v_student(tmp_path):
     (["train", "--data", "npz:/nonexistent.npz", "--out", "O", "--preset", "digits"], "does not exist"),
     (["train", "--data", "folder:/tmp", "--out", "O"], "preset"),
     (["train", "--data", "digits", "--out", "O", "--preset", "nope"], "unknown preset"),
-    (["train", "--data", "digits", "--out", "O", "--preset", "cifar10"], "expects"),
+    (["train", "--data", "digits", "--out", "O", "--preset", "lsun128"], "nearest valid: 16"),   # 5 levels: 16 | side
 ])
 def test_bad_input_gives_one_line_error(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

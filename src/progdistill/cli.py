@@ -17,6 +17,8 @@ EXAMPLES = {
     "train": """examples:
   progdistill train --data digits --out runs/teacher
   progdistill train --data toy:moons --out runs/moons --iters 2000
+  progdistill train --data folder:~/pics --preset small --out runs/pics   # the images' own size and colour
+  progdistill train --data folder:~/pics --preset small --resolution 32 --channels 1 --width 16 --out runs/p32
   progdistill train --data folder:~/pics --preset cifar10 --out runs/pics --precision bf16
   torchrun --nproc_per_node=2 -m progdistill.cli train --data digits --out runs/ddp
   progdistill train --out runs/teacher --resume   # continue exactly where it stopped""",
@@ -67,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default="digits", help="digits | toy:NAME | folder:PATH | npz:PATH | cifar10:PATH")
     t.add_argument("--preset", default=None, help="model preset (see `progdistill presets`)")
     t.add_argument("--out", required=True, help="run folder")
+    t.add_argument("--resolution", type=int, help="image side (default: the data's own; folder: the most common size); "
+                   "other sizes are resized and centre-cropped, said in one line. Frozen for --resume")
+    t.add_argument("--channels", type=int, choices=[1, 3], help="1 (grayscale) or 3 (RGB); default: the data's own "
+                   "(folder: 3 if any image has colour)")
+    t.add_argument("--width", type=int, help="base width: the UNet's first-level channels, the others scaled in "
+                   "proportion (MLP: hidden size); default: the preset's")
     t.add_argument("--iters", type=int)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
@@ -122,7 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="output folder (built beside it, then renamed into place)")
     x.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
 
-    sub.add_parser("presets", help="list model presets with their parameter counts")
+    r = sub.add_parser("presets", help="list model presets: parameters, default shape, measured training speed")
+    r.add_argument("--measure", action="store_true", help="also time each preset here (3 training steps at the "
+                   "table's batch; slow for the paper presets)")
 
     try:
         from .evaluate import add_eval_parser
@@ -149,7 +159,8 @@ def _common_run_args(p: argparse.ArgumentParser, checkpoint_every: int) -> None:
 def cmd_train(a) -> None:
     from .config import TrainConfig
     from .teacher import train
-    cfg = TrainConfig(data=a.data, preset=a.preset, iters=a.iters, batch_size=a.batch_size, lr=a.lr, param=a.param,
+    cfg = TrainConfig(data=a.data, preset=a.preset, resolution=a.resolution, channels=a.channels, width=a.width,
+                      iters=a.iters, batch_size=a.batch_size, lr=a.lr, param=a.param,
                       weighting=a.weighting, dropout=a.dropout, ema_decay=a.ema_decay, warmup=a.warmup,
                       class_cond=a.class_cond, label_dropout=a.label_dropout, normalize=a.normalize, seed=a.seed,
                       lr_decay=a.lr_decay, lr_final_frac=a.lr_final_frac,
@@ -204,12 +215,27 @@ def cmd_export(a) -> None:
 
 
 def cmd_presets(a) -> None:
-    from .models import PRESETS, build_network, count_parameters
-    print(f"{'preset':<11} {'params':>12}  {'data':<12} {'batch':>5} {'lr':>7} {'N0':>5}  description")
+    import torch
+    from .models import MEASURED_ON, MEASURED_SPEED, PRESETS, build_network, count_parameters
+    from .teacher import measure_train_speed
+
+    def rate(v: float) -> str:
+        return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+    print("A preset names an architecture and a size; the data gives the shape (--resolution, --channels and "
+          "--width override).\n`train/s`: training examples/s at the preset's default shape and the batch in brackets, "
+          f"measured on {MEASURED_ON}.")
+    print(f"{'preset':<11} {'params':>12}  {'shape':<9} {'batch':>5} {'lr':>7} {'N0':>5}  {'train/s':>13}"
+          + ("  here/s" if a.measure else "") + "  description")
     for name, p in PRESETS.items():
         n = count_parameters(build_network(p.model, p.param))
         shape = f"{p.model.channels}x{p.model.resolution}x{p.model.resolution}" if p.model.kind == "unet" else "vectors"
-        print(f"{name:<11} {n:>12,}  {shape:<12} {p.batch_size:>5} {p.lr:>7.0e} {p.distill_start_steps:>5}  {p.description}")
+        value, batch = MEASURED_SPEED.get(name, (None, 1))
+        speed = f"{rate(value)} ({batch})" if value else "n/a on CPU"
+        here = f"  {rate(measure_train_speed(p, batch_size=batch)):>6}" if a.measure else ""
+        print(f"{name:<11} {n:>12,}  {shape:<9} {p.batch_size:>5} {p.lr:>7.0e} {p.distill_start_steps:>5}  "
+              f"{speed:>13}{here}  {p.description}")
+    print(f"(torch threads now: {torch.get_num_threads()}; set with --threads)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,9 @@ class TrainConfig:
 
     data: str = "digits"
     preset: str | None = None
+    resolution: int | None = None    # image side; None: the data's own. Frozen into config.json by the first run
+    channels: int | None = None      # image channels (1 or 3); None: the data's own. Frozen likewise
+    width: int | None = None         # base width (UNet first-level channels, MLP hidden); None: the preset's
     iters: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -69,6 +72,12 @@ class TrainConfig:
         check_weighting(self.weighting)
         if self.param is not None:
             check_param(self.param)
+        for name in ("resolution", "width"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise UserError(f"--{name} must be a positive integer, got {v!r}")
+        if self.channels is not None and self.channels not in (1, 3):
+            raise UserError(f"--channels must be 1 (grayscale) or 3 (RGB), got {self.channels!r}")
         if self.iters is not None and (not isinstance(self.iters, int) or self.iters < 1):
             raise UserError(f"--iters must be a positive integer, got {self.iters!r}")
         check_normalize(self.normalize)

@@ -214,9 +214,11 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
     class_cond = n_classes > 0
     shape = tuple(card0.data["shape"])
     res = ch = None
-    if card0.data["kind"] == "image" and not (cfg.data == "digits" or cfg.data.startswith("toy:")):
+    if card0.data["kind"] == "image" and not cfg.data.startswith("toy:"):   # images take the teacher's shape (said in one line)
         ch, res = shape[0], shape[1]
     data = load_data(cfg.data, split="train", resolution=res, channels=ch, seed=cfg.seed)
+    if data.note and dist_info.is_main:
+        print(f"data: {data.note}")
     if tuple(data.shape) != shape:
         raise UserError(f"--data {cfg.data} has shape {tuple(data.shape)} but the teacher was trained on {shape}")
     if class_cond and (data.y is None or data.num_classes > n_classes):

@@ -18,7 +18,7 @@ from .denoiser import Denoiser
 from .errors import UserError
 from .losses import weighted_x_loss
 from .normalize import Normalizer, fit_normalizer
-from .models import ModelConfig, Preset, build_network, count_parameters, get_preset
+from .models import ModelConfig, Preset, build_network, check_side, count_parameters, for_data, get_preset, scaled_width
 from .schedules import Schedule, alpha_sigma
 from .seeds import generator_for, seed_for
 from .training import (EMA, MetricsLog, init_distributed, local_slice, lr_warmup_constant, lr_warmup_cosine, optimize,
@@ -47,26 +47,40 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, **changes).validate()
 
 
-def model_config_for(preset: Preset, data: Dataset, cfg: TrainConfig) -> ModelConfig:
-    """The preset's architecture, checked against the data (shape, kind) and the run's options."""
+def preset_model(preset: Preset, overrides: dict) -> ModelConfig:
+    """The preset's architecture with the run's `model_overrides` (ModelConfig fields)."""
     try:
-        m = dataclasses.replace(preset.model, **cfg.model_overrides)
+        return dataclasses.replace(preset.model, **overrides)
     except TypeError as e:
-        raise UserError(f"bad model override {cfg.model_overrides}: {e}") from None
+        raise UserError(f"bad model override {overrides}: {e}") from None
+
+
+def model_config_for(preset: Preset, data: Dataset, cfg: TrainConfig) -> ModelConfig:
+    """The preset's architecture at the data's shape and the run's width, checked against the data's kind."""
+    m = preset_model(preset, cfg.model_overrides)
     if data.kind == "vector":
         if m.kind != "mlp":
             raise UserError(f"{data.name} holds vectors of shape {data.shape}; use --preset mlp")
-        m = dataclasses.replace(m, channels=data.shape[0])
+        m = for_data(m, resolution=None, channels=data.shape[0], width=cfg.width, what=data.name)
     else:
         if m.kind != "unet":
             raise UserError(f"{data.name} holds images of shape {data.shape}; --preset {preset.name} is for vectors")
-        if data.shape != (m.channels, m.resolution, m.resolution):
-            raise UserError(f"{data.name} images have shape {data.shape} but preset {preset.name} expects "
-                            f"{(m.channels, m.resolution, m.resolution)}: pick a matching --preset")
+        c, h, w = data.shape
+        if h != w:
+            raise UserError(f"{data.name} images are {h}x{w}, not square; pass --resolution to centre-crop them")
+        m = for_data(m, resolution=h, channels=c, width=cfg.width,
+                     what=f"{data.name} ({h}x{h} images, preset {preset.name})")
     num_classes = data.num_classes if cfg.class_cond else 0
     if cfg.class_cond and not num_classes:
         raise UserError(f"--class-cond needs labelled data, but {data.name} has no labels")
     return dataclasses.replace(m, dropout=cfg.dropout, num_classes=num_classes)
+
+
+def frozen_shape(cfg: TrainConfig, data: Dataset, model: ModelConfig) -> TrainConfig:
+    """The run's config with the shape it trains at written in, so `--resume` never re-derives it."""
+    if data.kind == "vector":
+        return dataclasses.replace(cfg, width=model.width)
+    return dataclasses.replace(cfg, resolution=model.resolution, channels=model.channels, width=model.width)
 
 
 def data_info(data: Dataset) -> dict:
@@ -84,12 +98,27 @@ def run_normalizer(out: Path, data: Dataset, kind: str, *, resume: bool) -> Norm
 
 
 def load_train_data(cfg: TrainConfig, preset: Preset | None) -> Dataset:
-    res = ch = None
-    if preset is not None and preset.model.kind == "unet":
-        res, ch = preset.model.resolution, preset.model.channels
-    if cfg.data.startswith("toy:") or cfg.data == "digits":
-        res = ch = None   # fixed-shape built-in data; shapes are checked against the preset below
-    return load_data(cfg.data, split="train", resolution=res, channels=ch, seed=cfg.seed)
+    """The training data at the run's shape: the data's own unless `cfg` fixes resolution/channels."""
+    if cfg.resolution is not None and preset is not None and preset.model.kind == "unet":
+        m = preset_model(preset, cfg.model_overrides)
+        m = m if cfg.width is None else scaled_width(m, cfg.width)
+        check_side(m, cfg.resolution, what=f"--resolution {cfg.resolution} with preset {preset.name}")  # before reading
+    return load_data(cfg.data, split="train", resolution=cfg.resolution, channels=cfg.channels, seed=cfg.seed)
+
+
+def resumed_config(saved_d: dict, cfg: TrainConfig) -> TrainConfig:
+    """The saved run config, continued: only the time limit and a longer budget may change; the shape may not."""
+    saved_d = dict(saved_d)
+    saved_d.setdefault("lr_decay", "constant")   # runs from before the option kept a constant lr
+    if "resolution" not in saved_d and saved_d.get("preset"):   # runs from before the shape was recorded:
+        m = preset_model(get_preset(saved_d["preset"]), saved_d.get("model_overrides", {}))   # at the preset's shape
+        saved_d.update(width=m.width, **({"resolution": m.resolution, "channels": m.channels} if m.kind == "unet" else {}))
+    saved = from_dict(TrainConfig, saved_d)
+    for name in ("resolution", "channels", "width"):
+        asked, kept = getattr(cfg, name), getattr(saved, name)
+        if asked is not None and asked != kept:
+            raise UserError(f"--resume keeps the run's {name} ({kept}); drop --{name} {asked} or start a new run")
+    return dataclasses.replace(saved, time_limit=cfg.time_limit, iters=cfg.iters or saved.iters)
 
 
 def teacher_batch(data: Dataset, *, step: int, seed: int, batch_size: int, hflip: bool, label_dropout: float,
@@ -121,6 +150,36 @@ def diffusion_loss(denoiser, batch: dict, sl: slice, *, schedule: Schedule, weig
     return weighted_x_loss(x, x_pred, logsnr, weighting).mean()
 
 
+def measure_train_speed(preset: Preset, *, batch_size: int, steps: int = 3, resolution: int | None = None,
+                        channels: int | None = None) -> float:
+    """Training examples/s of a preset's network at its default shape (or the given one) on random data:
+    one warm-up step, then `steps` timed AdamW steps of Algorithm 1 (forward, backward, clip, update)."""
+    m = preset.model
+    if m.kind == "unet":
+        m = for_data(m, resolution=resolution or m.resolution, channels=channels or m.channels, width=None,
+                     what=f"preset {preset.name}")
+    torch.manual_seed(0)
+    net = build_network(m, preset.param)
+    schedule = Schedule.from_dict(TrainConfig().schedule)
+    model = Denoiser(net, schedule=schedule, param=preset.param)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=preset.lr)
+    shape = (m.channels,) if m.kind == "mlp" else (m.channels, m.resolution, m.resolution)
+    batch = {"x": torch.rand(batch_size, *shape) * 2 - 1, "t": torch.rand(batch_size, dtype=torch.float64),
+             "eps": torch.randn(batch_size, *shape),
+             "y": torch.randint(m.num_classes, (batch_size,)) if m.num_classes else None}
+    elapsed = 0.0
+    for step in range(steps + 1):
+        start = time.perf_counter()
+        loss = diffusion_loss(model, batch, slice(None), schedule=schedule, weighting="snr_trunc",
+                              class_cond=m.num_classes > 0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        elapsed += (time.perf_counter() - start) if step else 0.0
+    return batch_size * steps / elapsed
+
+
 def teacher_lr(cfg: TrainConfig):
     """Warm-up, then constant (method.md §5) or a cosine decay to lr_final_frac x lr over the run."""
     if cfg.lr_decay == "cosine":
@@ -136,10 +195,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     if resume:
         if not (out / "config.json").is_file():
             raise UserError(f"--resume: {out} has no config.json; start a new run without --resume")
-        saved_d = read_json(out / "config.json", "run config")
-        saved_d.setdefault("lr_decay", "constant")   # runs from before the option kept a constant lr
-        saved = from_dict(TrainConfig, saved_d)
-        cfg = dataclasses.replace(saved, time_limit=cfg.time_limit, iters=cfg.iters or saved.iters)
+        cfg = resumed_config(read_json(out / "config.json", "run config"), cfg)
     elif (out / "config.json").exists():
         raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     cfg = resolve_config(cfg)
@@ -153,6 +209,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         cfg = resolve_config(dataclasses.replace(cfg, preset="mlp"))
     preset = get_preset(cfg.preset)
     model_cfg = model_config_for(preset, data, cfg)
+    cfg = frozen_shape(cfg, data, model_cfg)
     schedule = Schedule.from_dict(cfg.schedule)
     normalizer = run_normalizer(out, data, cfg.normalize, resume=resume)
     if normalizer is not None:   # the diffusion sees u = (x - shift) / scale; sampling decodes
@@ -175,6 +232,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", to_dict(cfg))
+        if data.note:
+            print(f"data: {data.note}")
         print(f"teacher: preset {preset.name}, {count_parameters(net):,} parameters, data {data.name} "
               f"({len(data)} x {tuple(data.shape)}), {cfg.iters} iters, batch {cfg.batch_size}, param {cfg.param}")
 
