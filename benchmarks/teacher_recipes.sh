@@ -13,6 +13,8 @@ declare -A RECIPES=(
   [cos]="--lr-decay cosine --lr-final-frac 0.02"
   [cos_ema9995]="--lr-decay cosine --lr-final-frac 0.02 --ema-decay 0.9995"
   [cos_lr2e3]="--lr-decay cosine --lr-final-frac 0.02 --lr 2e-3"
+  [cos_lr3e3]="--lr-decay cosine --lr-final-frac 0.02 --lr 3e-3"
+  [cos_lr2e3_w48]="--lr-decay cosine --lr-final-frac 0.02 --lr 2e-3 --width 48 --iters 2000"
   [cos_b128]="--lr-decay cosine --lr-final-frac 0.02 --batch-size 128 --iters 1800"
 )
 names=("$@")

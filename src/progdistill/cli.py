@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--weighting", default="snr_trunc", choices=["const", "snr", "snr_trunc", "snr_plus_one"])
     t.add_argument("--dropout", type=float)
     t.add_argument("--ema-decay", type=float)
+    t.add_argument("--no-ema-warmup", dest="ema_warmup", action="store_false",
+                   help="use --ema-decay from the first step (default: min(decay, (1 + n) / (10 + n)), which stays "
+                        "below 0.999 for the first 9,000 steps)")
     t.add_argument("--lr-decay", choices=["constant", "cosine"], default=None,
                    help="after warm-up: constant lr, or a cosine decay to --lr-final-frac x lr (default: the preset's)")
     t.add_argument("--lr-final-frac", type=float, default=0.02)
@@ -163,7 +166,7 @@ def cmd_train(a) -> None:
                       iters=a.iters, batch_size=a.batch_size, lr=a.lr, param=a.param,
                       weighting=a.weighting, dropout=a.dropout, ema_decay=a.ema_decay, warmup=a.warmup,
                       class_cond=a.class_cond, label_dropout=a.label_dropout, normalize=a.normalize, seed=a.seed,
-                      lr_decay=a.lr_decay, lr_final_frac=a.lr_final_frac,
+                      lr_decay=a.lr_decay, lr_final_frac=a.lr_final_frac, ema_warmup=a.ema_warmup,
                       precision=a.precision,
                       grad_accum=a.grad_accum, checkpoint_every=a.checkpoint_every, keep_last=a.keep_last,
                       time_limit=a.time_limit, log_every=a.log_every)
