@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--final-steps", type=int, default=1, help="N1 (power of two, < N0)")
     s.add_argument("--iters-per-round", type=int)
     s.add_argument("--last-rounds-factor", type=float, default=1.0, help="train the last two rounds F x longer")
+    s.add_argument("--round-iters", default=None,
+                   help="iterations per round as a comma list, N0/2 first (e.g. 200,150,100,100,100,100,150,300); "
+                        "overrides --iters-per-round and --last-rounds-factor")
     s.add_argument("--lr", type=float)
     s.add_argument("--batch-size", type=int)
     s.add_argument("--weighting", default="snr_trunc", choices=["const", "snr", "snr_trunc", "snr_plus_one"])
@@ -182,11 +185,21 @@ def cmd_train(a) -> None:
         print(f"wrote {path}")
 
 
+def _int_list(text: str | None, option: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{option} takes a comma list of integers, got {text!r}") from None
+
+
 def cmd_distill(a) -> None:
     from .config import DistillConfig
     from .distill import distill
     cfg = DistillConfig(teacher=a.teacher, data=a.data, start_steps=a.start_steps, final_steps=a.final_steps,
                         iters_per_round=a.iters_per_round, last_rounds_factor=a.last_rounds_factor, lr=a.lr,
+                        round_iters=_int_list(a.round_iters, '--round-iters'),
                         batch_size=a.batch_size, weighting=a.weighting, student_param=a.student_param,
                         ema_decay=a.student_ema, seed=a.seed, precision=a.precision, grad_accum=a.grad_accum,
                         checkpoint_every=a.checkpoint_every, keep_last=a.keep_last, time_limit=a.time_limit,

@@ -104,6 +104,7 @@ class DistillConfig:
     final_steps: int = 1
     iters_per_round: int | None = None
     last_rounds_factor: float = 1.0
+    round_iters: list[int] | None = None   # explicit iterations per round (N0/2 first); overrides the two above
     lr: float | None = None
     batch_size: int | None = None
     weighting: str = "snr_trunc"
@@ -131,6 +132,9 @@ class DistillConfig:
             raise UserError(f"--final-steps ({self.final_steps}) must be smaller than --start-steps ({self.start_steps})")
         if self.iters_per_round is not None and (not isinstance(self.iters_per_round, int) or self.iters_per_round < 1):
             raise UserError(f"--iters-per-round must be a positive integer, got {self.iters_per_round!r}")
+        if self.round_iters is not None and (not self.round_iters or any(
+                not isinstance(k, int) or k < 1 for k in self.round_iters)):
+            raise UserError(f"--round-iters must list positive integers, got {self.round_iters!r}")
         if not self.last_rounds_factor > 0:
             raise UserError(f"--last-rounds-factor must be positive, got {self.last_rounds_factor}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -102,12 +102,21 @@ def init_student(teacher_net: nn.Module, teacher_card: ModelCard, student_param:
     return student
 
 
-def plan_rounds(start_steps: int, final_steps: int, iters_per_round: int, last_rounds_factor: float) -> list[dict]:
-    """One entry per halving: the student's step count N and its iterations (last two rounds x F)."""
+def plan_rounds(start_steps: int, final_steps: int, iters_per_round: int, last_rounds_factor: float,
+                round_iters: list[int] | None = None) -> list[dict]:
+    """One entry per halving: the student's step count N and its iterations (last two rounds x F),
+    or `round_iters` given explicitly, one per round in order (N0/2 first)."""
     rounds, n = [], start_steps
     while n > final_steps:
         n //= 2
         rounds.append({"steps": n, "iters": iters_per_round})
+    if round_iters is not None:
+        if len(round_iters) != len(rounds):
+            raise UserError(f"--round-iters lists {len(round_iters)} rounds but {start_steps} -> {final_steps} steps "
+                            f"takes {len(rounds)}; give one count per round")
+        for r, k in zip(rounds, round_iters):
+            r["iters"] = int(k)
+        return rounds
     for r in rounds[-2:]:
         r["iters"] = int(round(iters_per_round * last_rounds_factor))
     return rounds
@@ -229,7 +238,8 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
     if normalizer is not None:
         data.x = normalizer.encode(data.x.double()).float()
     data.x = data.x.to(dist_info.device)
-    rounds = plan_rounds(cfg.start_steps, cfg.final_steps, cfg.iters_per_round, cfg.last_rounds_factor)
+    rounds = plan_rounds(cfg.start_steps, cfg.final_steps, cfg.iters_per_round, cfg.last_rounds_factor,
+                         cfg.round_iters)
 
     teacher_ref = resolved_teacher(teacher_run)
     cfg = dataclasses.replace(cfg, teacher=teacher_ref)   # a resume from another folder finds it too
