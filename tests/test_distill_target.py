@@ -98,5 +98,5 @@ def test_student_parameterization_defaults():
 def test_plan_rounds_takes_explicit_iterations_per_round():
     rounds = plan_rounds(16, 1, 100, 3.0, round_iters=[40, 30, 20, 10])
     assert [(r["steps"], r["iters"]) for r in rounds] == [(8, 40), (4, 30), (2, 20), (1, 10)]
-    with pytest.raises(UserError, match="4 rounds"):
+    with pytest.raises(UserError, match="takes 4"):
         plan_rounds(16, 1, 100, 3.0, round_iters=[40, 30])
