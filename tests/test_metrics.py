@@ -55,6 +55,16 @@ def test_frechet_1d_and_identity():
     assert abs(M.frechet_distance(np.ones(4), s, np.ones(4), s)) < 1e-8
 
 
+def test_frechet_distance_is_clamped_at_zero():
+    # 30 points in 50-d: the covariance is rank-deficient and the raw trace formula gives ~ -5e-7 for
+    # identical Gaussians; a distance is never negative
+    mu, s = M.gaussian_stats(np.random.default_rng(0).normal(size=(30, 50)))
+    raw = 2 * np.trace(s) - 2 * M._sqrt_product_diag(s, s, "eigvals").real.sum()
+    assert raw < 0
+    assert M.frechet_distance(mu, s, mu, s) == 0.0
+    assert M.frechet_distance(mu, s, mu + 0.1, s) == pytest.approx(50 * 0.01, abs=1e-5)
+
+
 def test_frechet_singular_covariances_stay_finite():
     # rank-deficient covariances (fewer samples than dims) exercise the sqrtm safeguards
     f1, f2 = rng(4).normal(size=(5, 20)), rng(5).normal(size=(5, 20))

@@ -83,7 +83,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = 
                             "covariances are ill-conditioned, use more samples")
         roots = roots.real
     fd = diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2.0 * roots.sum()
-    return float(fd)
+    return max(0.0, float(fd))   # a distance: round-off makes equal Gaussians come out ~ -1e-7 (rank-deficient S)
 
 
 def frechet_distance_features(f1, f2) -> float:
