@@ -3,7 +3,9 @@
 It owns what both need and nothing of the diffusion maths: distributed set-up, per-step
 generators from (seed, step) so global batches do not depend on the process count, gradient
 accumulation, bf16 autocast, gradient clipping, EMA, learning-rate schedules, progress bar,
-JSONL metrics, periodic checkpoints and the time limit.
+JSONL metrics, periodic checkpoints and the time limit. A non-finite loss (checked on every rank
+with one all-reduced flag before backward) or gradient norm (of the all-reduced gradient, before
+the optimizer step) stops every process with a UserError and saves nothing; `faults.py` injects both.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import faults
 from .errors import UserError
 
 
@@ -146,6 +149,20 @@ def _agree(flag: bool, dist_info: DistInfo) -> bool:
     return bool(t.item() > 0.5)
 
 
+def _all_finite(x: torch.Tensor, dist_info: DistInfo) -> bool:
+    """Whether `x` is finite on every process (one all-reduce of a flag; MIN over ranks)."""
+    t = torch.isfinite(x).all().to(torch.float32).reshape(1)
+    if dist_info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0.5)
+
+
+def _on_rank(loss: torch.Tensor, dist_info: DistInfo) -> str:
+    if not dist_info.enabled:
+        return f" ({float(loss.detach())})"
+    return f" on this rank ({float(loss.detach())})" if not torch.isfinite(loss) else " on another rank"
+
+
 def _mean_across(x: float, dist_info: DistInfo) -> float:
     if not dist_info.enabled:
         return x
@@ -188,12 +205,17 @@ def optimize(*, model: nn.Module, params: list[nn.Parameter], optimizer: torch.o
                 sync_ctx = model.no_sync() if (use_sync and micro < grad_accum - 1) else contextlib.nullcontext()
                 with sync_ctx:
                     with autocast(precision, dist_info.device):
-                        loss = loss_fn(step, micro) / grad_accum
-                    if not torch.isfinite(loss):
-                        raise UserError(f"loss became {loss.item()} at step {step}: lower --lr or use --precision fp32")
+                        loss = faults.inject_loss(loss_fn(step, micro) / grad_accum, step, dist_info.rank)
+                    # every rank stops together, before backward (DDP's gradient all-reduce would hang)
+                    if not _all_finite(loss.detach(), dist_info):
+                        raise UserError(f"the loss became non-finite at step {step}{_on_rank(loss, dist_info)}; "
+                                        f"nothing was saved after the last checkpoint: lower --lr or use --precision fp32")
                     loss.backward()
                 loss_val += float(loss.detach())
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else float("inf"))
+            if not torch.isfinite(grad_norm):   # the norm of the all-reduced gradient: the same on every rank
+                raise UserError(f"the gradient norm became {float(grad_norm)} at step {step} (finite loss); "
+                                f"nothing was saved after the last checkpoint: lower --lr or use --precision fp32")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
