@@ -4,19 +4,19 @@ A *model folder* holds `progdistill.json` (the model card: architecture as a dif
 parameterization, schedule, data shape, classes, sampling clip, iteration, provenance) and its weights in diffusers'
 `save_pretrained` layout (`model/`, and `ema/` for teachers). Training states (optimizer, step,
 RNG) live in `state/` and are loaded with `torch.load(weights_only=True)`.
+
+A training run's model folder is replaced at every checkpoint through versions and a `current` link,
+a distillation round's `steps-NNNN/` is written once; publish.py says how neither can be seen half
+written, and `version_folder` is how every reader here pins one version.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -24,23 +24,15 @@ from safetensors.torch import load_file
 from .denoiser import Denoiser
 from .errors import UserError
 from .models import ModelConfig, build_network, network_from_spec, network_spec, spec_with_param
+from .publish import (clean_run_folder, publish_dir, publish_version, replace_dir_atomic,  # noqa: F401 (re-exported)
+                      torch_save_atomic, version_folder, write_json)
 from .schedules import Schedule
 
 CARD = "progdistill.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 CARD_FORMAT = 2   # 2: network config, clip/clip_range, null_class, normalizer, source
 DIFFUSERS_PREFIX = "diffusers:"
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically: a temp file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+PUBLIC = [CARD, "model", "ema"]   # a training run's paths that resolve through its `current` version
 
 
 def read_json(path: Path, what: str = "file") -> dict:
@@ -51,33 +43,6 @@ def read_json(path: Path, what: str = "file") -> dict:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{what} {path} is corrupt ({e.__class__.__name__}: {e}); delete it or restore a copy") from None
-
-
-def torch_save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def replace_dir_atomic(write_fn, target: Path) -> None:
-    """Build a folder with `write_fn(tmp_dir)`, then swap it in place of `target`."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        write_fn(tmp)
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-            os.replace(target, old / "x")
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass
@@ -153,18 +118,28 @@ def build_network_from_card(card: ModelCard, param: str | None = None, *, dropou
     return build_network(cfg, param)
 
 
-def save_model_folder(folder: Path, card: ModelCard, weights: dict[str, torch.nn.Module]) -> None:
-    """Write each network (`{"model": net, "ema": ema_net}`) in diffusers layout, then the card.
-
-    Each weights folder is swapped in atomically and the card goes last, so a reader never sees
-    a card that points at missing weights. A card without `network` gets the saved net's config.
-    """
+def write_model_files(folder: Path, card: ModelCard, weights: dict[str, torch.nn.Module]) -> None:
+    """Each network (`{"model": net, "ema": ema_net}`) in diffusers layout, then the card, into `folder`.
+    A card without `network` gets the saved net's config."""
     folder = Path(folder)
     for sub, net in weights.items():
-        replace_dir_atomic(lambda tmp, net=net: net.save_pretrained(tmp, safe_serialization=True), folder / sub)
+        net.save_pretrained(folder / sub, safe_serialization=True)
     if card.network is None and weights:
         card = dataclasses.replace(card, network=network_spec(weights.get(card.weights, next(iter(weights.values())))))
     write_json(folder / CARD, card.to_dict())
+
+
+def save_model_folder(folder: Path, card: ModelCard, weights: dict[str, torch.nn.Module]) -> None:
+    """Publish a new version of a training run's model folder: weights and card change together, in one
+    rename (publish.py); readers see the previous version or this one, whole."""
+    publish_version(folder, lambda v: write_model_files(v, card, weights), tag=f"{card.iteration:08d}",
+                    public=[CARD, *weights])
+
+
+def publish_model_folder(folder: Path, card: ModelCard, weights: dict[str, torch.nn.Module]) -> bool:
+    """Publish a model folder written once (a distillation round's `steps-NNNN/`) with one rename of a
+    complete, fsynced temp folder; one already complete is kept (False)."""
+    return publish_dir(lambda tmp: write_model_files(tmp, card, weights), folder, complete=CARD)
 
 
 def is_diffusers_spec(path: str | Path) -> bool:
@@ -178,7 +153,7 @@ def resolve_model_folder(path: Path) -> Path:
     if not path.exists():
         raise UserError(f"model {path} not found: pass a training run folder, a distillation run, a steps-NNNN folder "
                         f"or diffusers:DIR")
-    card = read_json(path / CARD, "model card")
+    card = read_json(version_folder(path) / CARD, "model card")
     if card.get("kind") == "distillation":
         latest = card.get("latest")
         if not latest:
@@ -193,7 +168,7 @@ def load_card(path: str | Path) -> ModelCard:
         from .diffusers_io import load_diffusers_card
 
         return load_diffusers_card(str(path))
-    folder = resolve_model_folder(path)
+    folder = version_folder(resolve_model_folder(path))
     d = read_json(folder / CARD, "model card")
     try:
         return ModelCard.from_dict(d)
@@ -203,7 +178,7 @@ def load_card(path: str | Path) -> ModelCard:
 
 def load_network(folder: Path, card: ModelCard, which: str | None = None) -> torch.nn.Module:
     """Rebuild the network from the card and load safetensors weights (`which`: model or ema)."""
-    sub = Path(folder) / (which or card.weights)
+    sub = version_folder(Path(folder)) / (which or card.weights)
     f = sub / WEIGHTS
     if not f.is_file():
         raise UserError(f"weights {f} not found; the run may be unfinished: resume it, or point at a finished model")
@@ -226,7 +201,7 @@ def load_denoiser(path: str | Path, *, which: str | None = None,
         from .diffusers_io import load_diffusers_teacher
 
         return load_diffusers_teacher(str(path), device)
-    folder = resolve_model_folder(Path(path))
+    folder = version_folder(resolve_model_folder(Path(path)))   # card and weights of one version
     card = load_card(folder)
     net = load_network(folder, card, which).to(device).eval()
     return Denoiser(net, schedule=card.schedule, param=card.param), card

@@ -16,8 +16,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
-from .checkpoint import (CARD, ModelCard, build_network_from_card, is_diffusers_spec, latest_state, num_classes, load_denoiser, load_state, read_json, rotate_states,
-                         save_model_folder, state_name, steps_folder_name, torch_save_atomic, write_json)
+from .checkpoint import (CARD, ModelCard, build_network_from_card, clean_run_folder, is_diffusers_spec, latest_state,
+                         num_classes, load_denoiser, load_state, publish_model_folder, read_json, rotate_states,
+                         state_name, steps_folder_name, torch_save_atomic, write_json)
 from .config import DistillConfig, from_dict, to_dict
 from .data import Dataset, load_data
 from .denoiser import Denoiser
@@ -253,6 +254,7 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
     first_round = len(run_card["rounds"]) if st is None else int(st["round"])
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        clean_run_folder(out, [])          # temp folders of a killed promote
         write_json(out / "config.json", to_dict(cfg))
         write_json(out / CARD, run_card)
         print(f"distill: {cfg.start_steps} -> {cfg.final_steps} steps in {len(rounds)} rounds, "
@@ -320,7 +322,7 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
         if dist_info.is_main:   # promote: the student becomes a complete model and the next teacher
             card = student_card(card0, t_card, student_param, cfg, n_student=n_student, iters=iters, round_idx=r,
                                 teacher_ref=teacher_ref)
-            save_model_folder(out / steps_folder_name(n_student), card, {"model": student_net})
+            publish_model_folder(out / steps_folder_name(n_student), card, {"model": student_net})
             run_card["rounds"] = [x for x in run_card["rounds"] if x["round"] != r] + [
                 {"round": r, "steps": n_student, "iters": iters, "seconds": prev_seconds + result.seconds}]
             run_card["latest"] = steps_folder_name(n_student)

@@ -10,8 +10,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
-from .checkpoint import (CARD, ModelCard, latest_state, load_state, read_json, rotate_states, save_model_folder,
-                         state_name, torch_save_atomic, write_json)
+from .checkpoint import (CARD, PUBLIC, ModelCard, clean_run_folder, latest_state, load_state, read_json, rotate_states,
+                         save_model_folder, state_name, torch_save_atomic, write_json)
 from .config import TrainConfig, from_dict, to_dict
 from .data import Dataset, load_data, random_hflip
 from .denoiser import Denoiser
@@ -231,6 +231,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         print(f"--resume: no training state in {out / 'state'}; starting from step 0")
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        clean_run_folder(out, PUBLIC)    # what a killed save left; repairs the public links
         write_json(out / "config.json", to_dict(cfg))
         if data.note:
             print(f"data: {data.note}")
