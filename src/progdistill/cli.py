@@ -114,7 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int)
     s.add_argument("--weighting", default="snr_trunc", choices=["const", "snr", "snr_trunc", "snr_plus_one"])
     s.add_argument("--student-param", choices=["v", "x", "both"])
-    s.add_argument("--student-ema", type=float, default=0.0, help=argparse.SUPPRESS)
+    s.add_argument("--student-ema", type=float, default=0.0, help="EMA decay of the student within each round, "
+                   "reset every round; the round's model (and next teacher) is then the EMA (default 0: none, as in "
+                   "the paper's released configs)")
     _common_run_args(s, checkpoint_every=200)
 
     m = add("sample", "sample from a teacher run or a distilled model")

@@ -1,13 +1,15 @@
 """Progressive distillation: paper Algorithm 2, round by round (method.md §6).
 
 The target is a pure function (`two_teacher_steps`, `x_target`, `distillation_target`); the round
-loop is explicit: copy the teacher, fresh optimizer, train, save `steps-NNNN/`, promote. The round
-and N live in the checkpoint, never in step arithmetic.
+loop is explicit: copy the teacher, fresh optimizer (and student EMA, if `ema_decay` > 0: it is then
+the round's model), train, publish `steps-NNNN/` (written once), then name it `latest` in the run
+card. The round and N live in the checkpoint, never in step arithmetic.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from .parameterization import output_channels
 from .sampling import ddim_step
 from .schedules import Schedule, alpha_sigma
 from .seeds import generator_for, seed_for
-from .training import (MetricsLog, init_distributed, local_slice, lr_linear_decay, optimize,
+from .training import (EMA, MetricsLog, init_distributed, local_slice, lr_linear_decay, optimize,
                        rng_state, set_rng_state)
 
 
@@ -178,6 +180,19 @@ def student_card(card0: ModelCard, t_card: ModelCard, student_param: str, cfg: D
                                  "preset": (card0.provenance or {}).get("preset")})
 
 
+def warn_if_unfinished(teacher_run: str) -> None:
+    """One stderr line when the teacher run stopped before its budget (time limit, kill): still distilled."""
+    run = Path(teacher_run)
+    if is_diffusers_spec(teacher_run) or not (run / CARD).is_file():
+        return
+    timing = read_json(run / "timing.json") if (run / "timing.json").is_file() else {}
+    budget = read_json(run / "config.json").get("iters") if (run / "config.json").is_file() else None
+    done = read_json(run / CARD).get("iteration", 0)
+    if timing.get("finished") is False or (budget and done < budget):
+        print(f"warning: teacher {run} is unfinished ({done} of {budget or '?'} iterations); distilling it as it is "
+              f"(finish it with `progdistill train --out {run} --resume`)", file=sys.stderr)
+
+
 def distill_batch(data: Dataset, *, seed: int, round_idx: int, step: int, batch_size: int, num_steps: int,
                   device: torch.device) -> dict:
     """The global batch of one step, a function of (seed, round, step): x, y, i ~ U{1..N}, eps."""
@@ -217,6 +232,8 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
         raise UserError(f"{out} already holds a distillation run: pass --resume, or choose another --out")
     cfg.validate()
     teacher_run = cfg.teacher          # a run folder, or diffusers:PATH (an imported teacher), as given
+    if dist_info.is_main:
+        warn_if_unfinished(teacher_run)
     teacher0, card0 = load_denoiser(teacher_run, device=dist_info.device)
     cfg = resolve_config(cfg, card0, teacher_run, count_parameters(teacher0.net))
     student_param = student_param_for(card0.param, cfg.student_param)
@@ -273,10 +290,13 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
         teacher.eval().requires_grad_(False)
         student_net = init_student(teacher.net, t_card, student_param).to(dist_info.device)
         optimizer = torch.optim.AdamW(student_net.parameters(), lr=cfg.lr, weight_decay=0.0)   # fresh each round
+        ema = EMA(student_net, cfg.ema_decay) if cfg.ema_decay > 0 else None                  # so is the EMA
         start, prev_seconds, round_t0 = 0, 0.0, time.time()
         if st is not None and int(st["round"]) == r:
             prev_seconds = float(st.get("seconds", 0.0))
             student_net.load_state_dict(st["net"])
+            if ema is not None and "ema" in st:    # (states of older versions, which ignored ema_decay, have none)
+                ema.net.load_state_dict(st["ema"])
             optimizer.load_state_dict(st["optimizer"])
             set_rng_state(st["rng"][min(dist_info.rank, len(st["rng"]) - 1)])
             start = int(st["step"])
@@ -293,7 +313,7 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
             return distillation_loss(model, teacher, cache["batch"], sl, num_steps=n_student,
                                      schedule=card0.schedule, weighting=cfg.weighting, class_cond=class_cond)
 
-        def save_fn(step: int, r=r, student_net=student_net, optimizer=optimizer, prev_seconds=prev_seconds,
+        def save_fn(step: int, r=r, student_net=student_net, optimizer=optimizer, ema=ema, prev_seconds=prev_seconds,
                     round_t0=round_t0) -> None:
             rngs = [rng_state()]
             if dist_info.enabled:
@@ -302,6 +322,7 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
                 rngs = gathered
             if dist_info.is_main:
                 torch_save_atomic({"round": r, "step": step, "net": student_net.state_dict(),
+                                   **({"ema": ema.net.state_dict()} if ema is not None else {}),
                                    "optimizer": optimizer.state_dict(), "rng": rngs,
                                    "seconds": prev_seconds + time.time() - round_t0},
                                   out / "state" / state_name(r, step))
@@ -311,7 +332,8 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
         result = optimize(model=model, params=list(student_net.parameters()), optimizer=optimizer, loss_fn=loss_fn,
                           lr_fn=lr_linear_decay(cfg.lr, iters), start_step=start, iters=iters,
                           grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip, precision=cfg.precision,
-                          dist_info=dist_info, save_fn=save_fn, checkpoint_every=cfg.checkpoint_every,
+                          dist_info=dist_info, ema=ema, ema_target=student_net, save_fn=save_fn,
+                          checkpoint_every=cfg.checkpoint_every,
                           deadline=deadline, metrics=metrics, log_every=cfg.log_every, desc=desc, progress=progress,
                           extra_log={"round": r, "steps": n_student})
         st = None
@@ -322,7 +344,8 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
         if dist_info.is_main:   # promote: the student becomes a complete model and the next teacher
             card = student_card(card0, t_card, student_param, cfg, n_student=n_student, iters=iters, round_idx=r,
                                 teacher_ref=teacher_ref)
-            publish_model_folder(out / steps_folder_name(n_student), card, {"model": student_net})
+            publish_model_folder(out / steps_folder_name(n_student), card,
+                                 {"model": ema.net if ema is not None else student_net})
             run_card["rounds"] = [x for x in run_card["rounds"] if x["round"] != r] + [
                 {"round": r, "steps": n_student, "iters": iters, "seconds": prev_seconds + result.seconds}]
             run_card["latest"] = steps_folder_name(n_student)
