@@ -1,5 +1,6 @@
 """The FID path end to end, offline, with a scripted stand-in for the Inception detector."""
 
+import os
 import urllib.error
 
 import numpy as np
@@ -167,3 +168,46 @@ def test_reference_stats_cached_and_fid(detector_path, tmp_path):
     assert shifted > 1.0
     with pytest.raises(UserError):
         fid.reference_stats("../escape", images_fn, det, tmp_path)
+
+
+def test_reference_key_differs_where_it_must_and_is_stable_otherwise(tmp_path):
+    (tmp_path / "a_b").mkdir()
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for d in (tmp_path / "a_b", tmp_path / "a" / "b"):
+        (d / "x.png").write_bytes(b"same bytes")
+        os.utime(d / "x.png", ns=(10**18, 10**18))
+    det, other = StandIn(), StandIn()
+    other.proj.add_(1)
+
+    def key(spec=f"folder:{tmp_path}/a_b", **kw):
+        return fid.reference_key(spec, **{**dict(split="train", resolution=8, channels=3, count=None, detector=det), **kw})
+
+    base = key()
+    assert key() == base                                                   # stable
+    assert key(f"folder:{tmp_path}/a/../a_b") == base                       # the resolved path
+    assert key(detector=StandIn()) == base                                  # same weights, same hash
+    assert base[0].startswith("folder-train-") and fid.re.fullmatch(r"[A-Za-z0-9._-]+", base[0])
+    changed = [key(f"folder:{tmp_path}/a/b"), key(resolution=16), key(channels=1), key(split="heldout"),
+               key(count=100), key(detector=other), key(f"npz:{tmp_path}/a_b")]
+    assert len({k[0] for k in changed} | {base[0]}) == len(changed) + 1
+    (tmp_path / "a_b" / "x.png").write_bytes(b"other bytes")               # content changed
+    assert key()[0] != base[0]
+    assert fid.reference_key("digits", split="heldout", resolution=8, channels=1, count=300, detector=det)[0] \
+        .startswith("digits-heldout-")
+
+
+def test_reference_stats_recomputed_when_the_key_differs(tmp_path):
+    det, calls = StandIn(), []
+
+    def images_fn():
+        calls.append(1)
+        return images(20, 0)
+
+    with threadpool_limits(1, user_api="blas"):
+        fid.reference_stats("s", images_fn, det, tmp_path, key="k1")
+        fid.reference_stats("s", images_fn, det, tmp_path, key="k1")
+        assert len(calls) == 1
+        fid.reference_stats("s", images_fn, det, tmp_path, key="k2")   # same name, other key: never stale
+        assert len(calls) == 2
+    with np.load(tmp_path / "s.npz") as z:
+        assert str(z["key"]) == "k2"

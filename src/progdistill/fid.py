@@ -8,6 +8,8 @@ quantised exactly as those references do: uint8(clamp(x * 127.5 + 128, 0, 255)).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import tempfile
@@ -154,11 +156,65 @@ def fid_from_images(images, detector, mu_ref, sigma_ref, batch_size: int = 200) 
     return fid_from_features(inception_features(images, detector, batch_size), mu_ref, sigma_ref)
 
 
-def reference_stats(name: str, images_fn: Callable[[], torch.Tensor], detector,
-                    cache_dir: str | os.PathLike, batch_size: int = 200) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of the Inception features of images_fn(), cached as cache_dir/<name>.npz (mu, sigma, n).
+STATS_FORMAT = 1   # bump when features or their quantisation change: every cached reference is recomputed
 
-    images_fn is only called when the cache file is missing; the file is written atomically.
+
+def detector_hash(detector) -> str:
+    """sha256 of a detector's class and tensors (names, shapes, dtypes, bytes): another file, another hash."""
+    h = hashlib.sha256(type(detector).__name__.encode())
+    for name, t in sorted(detector.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def content_fingerprint(path: Path) -> str:
+    """sha256 of every file under `path` (or of the file): relative name, size and modification time.
+
+    Stat only, so a million-image folder costs a directory walk, not a read; a copy made without
+    keeping times gets a new fingerprint (the statistics are recomputed, never stale)."""
+    h = hashlib.sha256()
+    if path.is_file():
+        st = path.stat()
+        h.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            p = os.path.join(root, name)
+            st = os.stat(p)
+            h.update(f"{os.path.relpath(p, path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def reference_key(spec: str, *, split: str, resolution: int | None, channels: int | None, count: int | None,
+                  detector) -> tuple[str, str]:
+    """(file name, key) of a data set's cached reference statistics.
+
+    The key is JSON of what the statistics depend on: the spec with its path resolved, resolution,
+    channels, split, reference count (None: the whole split), the detector's hash and a content
+    fingerprint of the path; the name is a readable prefix plus a hash of the key, so `folder:/d/a_b`
+    and `folder:/d/a/b` (or one folder after its files changed) never share a file.
+    """
+    scheme, sep, arg = spec.partition(":")
+    resolved, fingerprint = spec, "built-in"
+    if sep and scheme != "toy" and arg:
+        path = Path(arg).expanduser().resolve()
+        resolved, fingerprint = f"{scheme}:{path}", content_fingerprint(path)
+    key = json.dumps({"format": STATS_FORMAT, "data": resolved, "split": split, "resolution": resolution,
+                      "channels": channels, "count": count, "detector": detector_hash(detector),
+                      "content": fingerprint}, sort_keys=True)
+    prefix = re.sub(r"[^A-Za-z0-9._-]", "_", f"{scheme if sep else spec}-{split}")[:48]
+    return f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:20]}", key
+
+
+def reference_stats(name: str, images_fn: Callable[[], torch.Tensor], detector,
+                    cache_dir: str | os.PathLike, batch_size: int = 200, key: str | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of the Inception features of images_fn(), cached as cache_dir/<name>.npz (mu, sigma, n, key).
+
+    images_fn is only called when the cache file is missing, or holds another `key` (see `reference_key`);
+    the file is written atomically.
     """
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise UserError(f"reference stats name {name!r} must be letters, digits, '.', '_' or '-'")
@@ -166,11 +222,13 @@ def reference_stats(name: str, images_fn: Callable[[], torch.Tensor], detector,
     if path.is_file():
         try:
             with np.load(path) as z:
-                return z["mu"], z["sigma"]
+                if key is None or ("key" in z.files and str(z["key"]) == key):
+                    return z["mu"], z["sigma"]
         except Exception as e:
             raise UserError(f"cannot read reference stats {path} ({type(e).__name__}); "
                             "delete it to recompute") from None
     feats = inception_features(images_fn(), detector, batch_size)
     mu, sigma = gaussian_stats(feats)
-    _atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, n=np.int64(feats.shape[0])))
+    extra = {} if key is None else {"key": np.array(key)}
+    _atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, n=np.int64(feats.shape[0]), **extra))
     return mu, sigma

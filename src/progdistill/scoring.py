@@ -68,10 +68,11 @@ class Scorer:
             from . import fid
             self.detector = fid.load_inception(inception, allow_download=allow_download)
             fid_split = split if family == "digits" else "train"
-            name = "".join(c if c.isalnum() or c in "._-" else "_" for c in f"{spec}-{fid_split}")
+            name, key = fid.reference_key(spec, split=fid_split, resolution=res, channels=ch, detector=self.detector,
+                                          count=len(ref) if fid_split == split else None)
             self.fid_ref = fid.reference_stats(
                 name, lambda: ref if fid_split == split else load_data(spec, split=fid_split, resolution=res,
-                                                                       channels=ch).x, self.detector, cache)
+                                                                       channels=ch).x, self.detector, cache, key=key)
 
     def __call__(self, x: torch.Tensor) -> dict:
         m, out = self.metrics, {}
