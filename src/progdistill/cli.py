@@ -30,7 +30,9 @@ EXAMPLES = {
     "sample": """examples:
   progdistill sample --model runs/teacher --steps 256 --num 64 --out teacher.png
   progdistill sample --model runs/distill/steps-0004 --steps 4 --num 64 --out pd4.png --npz pd4.npz
-  progdistill sample --model runs/teacher --steps 64 --sampler ancestral --logvar-frac 0.3 --out anc.png""",
+  progdistill sample --model runs/teacher --steps 64 --sampler ancestral --logvar-frac 0.3 --out anc.png
+  progdistill sample --model runs/cond --steps 256 --guidance 2 --class 3 --out guided.png   # 512 evaluations
+  progdistill sample --model runs/gd/steps-0004 --guidance 2 --sampler stochastic --out gd4.png  # 4 evaluations""",
     "export": """examples:
   progdistill export runs/distill/steps-0004 --out exported/pd4   # one student
   progdistill export runs/distill --out exported/pd-last            # a distillation run: its last finished round
@@ -125,9 +127,13 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default=None, help="PNG grid (images) or scatter plot (vectors)")
     m.add_argument("--npz", default=None, help="also save samples as .npz (uint8 images / float vectors)")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--sampler", default="ddim", choices=["ddim", "ancestral", "dpmpp2m"])
+    m.add_argument("--sampler", default="ddim", choices=["ddim", "ancestral", "dpmpp2m", "stochastic"],
+                   help="stochastic: the N-step sampler for distilled students (2/N DDIM jump, then re-noise)")
     m.add_argument("--logvar-frac", type=float, default=0.0, help="ancestral: 0 fixed_small .. 1 fixed_large")
     m.add_argument("--class", dest="class_label", type=int, default=None)
+    m.add_argument("--guidance", type=float, default=None, metavar="W",
+                   help="classifier-free guidance w >= 0: x = (1 + w) x_c - w x_null (diffusers' guidance_scale "
+                        "= 1 + w); class-conditional teachers (2 evaluations per step) and --guided students (1)")
     m.add_argument("--batch-size", type=int, default=500)
 
     x = add("export", "write a model as a diffusers DDIMPipeline folder with a README model card")
@@ -214,9 +220,10 @@ def cmd_sample(a) -> None:
     from .pipeline import load
     model = load(a.model)
     x = model.sample(num=a.num, steps=a.steps, seed=a.seed, sampler=a.sampler, logvar_frac=a.logvar_frac,
-                     class_label=a.class_label, batch_size=a.batch_size, progress=True)
+                     class_label=a.class_label, batch_size=a.batch_size, guidance=a.guidance, progress=True)
+    title = f"{a.sampler} {a.steps or model.card.steps or 256}" + ("" if a.guidance is None else f", w = {a.guidance:g}")
     if a.out:
-        print(f"wrote {save_samples(x, Path(a.out), title=f'{a.sampler} {a.steps or model.card.steps}')}")
+        print(f"wrote {save_samples(x, Path(a.out), title=title)}")
     if a.npz:
         arr = to_uint8(x) if x.dim() == 4 else x.numpy()
         np.savez_compressed(a.npz, x=arr)
