@@ -26,7 +26,8 @@ EXAMPLES = {
   progdistill distill --teacher runs/teacher --out runs/distill
   progdistill distill --teacher runs/teacher --out runs/d4 --final-steps 4 --iters-per-round 500
   progdistill distill --teacher runs/eps-teacher --out runs/d --student-param v
-  progdistill distill --teacher diffusers:~/ddpm-digits --data digits --out runs/d   # a diffusers DDPMPipeline folder""",
+  progdistill distill --teacher diffusers:~/ddpm-digits --data digits --out runs/d   # a diffusers DDPMPipeline folder
+  progdistill distill --teacher runs/cond --guided --w-max 4 --final-steps 1 --out runs/gd   # guided: runs/gd/guided, steps-*""",
     "sample": """examples:
   progdistill sample --model runs/teacher --steps 256 --num 64 --out teacher.png
   progdistill sample --model runs/distill/steps-0004 --steps 4 --num 64 --out pd4.png --npz pd4.npz
@@ -117,6 +118,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--weighting", default="snr_trunc", choices=["const", "snr", "snr_trunc", "snr_plus_one"])
     s.add_argument("--student-param", choices=["v", "x", "both"])
     s.add_argument("--student-ema", type=float, default=0.0, help=argparse.SUPPRESS)
+    s.add_argument("--guided", action="store_true", help="guided distillation (Meng et al. 2023) of a class-conditional "
+                   "teacher trained with label dropout: stage 1 into OUT/guided (a w-conditioned model), then the rounds")
+    s.add_argument("--w-min", type=float, default=0.0, help="--guided: smallest guidance strength w trained")
+    s.add_argument("--w-max", type=float, default=4.0, help="--guided: largest w trained (the paper's pixel-space range)")
+    s.add_argument("--guided-iters", type=int, default=None, help="--guided: stage-1 iterations (default --iters-per-round)")
     _common_run_args(s, checkpoint_every=200)
 
     m = add("sample", "sample from a teacher run or a distilled model")
@@ -209,7 +215,8 @@ def cmd_distill(a) -> None:
                         batch_size=a.batch_size, weighting=a.weighting, student_param=a.student_param,
                         ema_decay=a.student_ema, seed=a.seed, precision=a.precision, grad_accum=a.grad_accum,
                         checkpoint_every=a.checkpoint_every, keep_last=a.keep_last, time_limit=a.time_limit,
-                        log_every=a.log_every)
+                        log_every=a.log_every, guided=a.guided, w_min=a.w_min, w_max=a.w_max,
+                        guided_iters=a.guided_iters)
     out = distill(cfg, a.out, resume=a.resume, progress=not a.no_progress)
     print(f"distillation run: {out}")
 
