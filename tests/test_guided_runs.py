@@ -122,3 +122,26 @@ def test_refusals_are_one_line(teacher, tmp_path, capsys):
     guided = distill(_cfg(teacher, guided_iters=1, final_steps=2, iters_per_round=1), tmp_path / "g", progress=False)
     assert "guidance-distilled" in _err(["export", str(guided), "--out", str(tmp_path / "exp")], capsys)
     assert json.loads((guided / CARD).read_text())["guided"]["iters"] == 1
+
+
+def test_conditional_evaluation_helpers():
+    from progdistill.cond_eval import class_accuracy, requested_classes, teacher_steps
+    assert requested_classes(12, 10).tolist() == list(range(10)) + [0, 1]
+    p, se = class_accuracy(torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 0, 0]))
+    assert p == 0.75 and abs(se - (0.75 * 0.25 / 4) ** 0.5) < 1e-12
+    assert teacher_steps(8, 2.0) == 4 and teacher_steps(8, 0.0) == 8 and teacher_steps(1, 1.0) is None
+
+
+def test_quick_guided_demo_writes_table_plot_grids_and_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["--threads", "1", "demo", "--guided", "--quick", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert read_json(out / "distill" / CARD)["latest"] == "steps-0001" and "done in" in text
+    records = read_json(out / "eval-guided.json")
+    methods = {(r["method"], r["nfe"], r["w"]) for r in records}
+    assert {("gd", 1, 0.0), ("gd", 2, 2.0), ("gd_stochastic", 2, 2.0), ("ddim", 2, 2.0), ("dpmpp2m", 2, 0.0),
+            ("reference", 8, 2.0), ("reference", 4, 0.0)} <= methods
+    assert all(0 <= r["class_acc"] <= 1 and r["fd_feature"] > 0 for r in records)
+    assert next(r for r in records if r["method"] == "ddim" and r["w"] == 2.0)["steps"] == 1   # 2 NFE = 1 guided step
+    for p in ("guided-tradeoff.png", "report-guided.md", "grids-guided/teacher.png", "grids-guided/student-1.png"):
+        assert (out / p).is_file(), p

@@ -13,7 +13,8 @@ from .errors import UserError
 EXAMPLES = {
     "demo": """examples:
   progdistill demo                       # digits: teacher, distil 256 -> 1 step, grids, table, report (~10 min)
-  progdistill demo --quick --out runs/q  # a 2-minute smoke run""",
+  progdistill demo --quick --out runs/q  # a 2-minute smoke run
+  progdistill demo --guided              # guided distillation of a class-conditional teacher (~10 min)""",
     "train": """examples:
   progdistill train --data digits --out runs/teacher
   progdistill train --data toy:moons --out runs/moons --iters 2000
@@ -67,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--teacher-iters", type=int, default=None, help="override the teacher budget (no time limit)")
     d.add_argument("--iters-per-round", type=int, default=None, help="override the distillation budget (no time limit)")
     d.add_argument("--last-rounds-factor", type=float, default=None)
+    d.add_argument("--guided", action="store_true", help="guided distillation instead: class-conditional teacher, "
+                   "stage 1 + 2 to 1 step, class x w grids, FD vs class accuracy per w (~10 min)")
 
     t = add("train", "train a teacher (paper Algorithm 1)")
     t.add_argument("--data", default="digits", help="digits | toy:NAME | folder:PATH | npz:PATH | cifar10:PATH")
@@ -157,6 +160,8 @@ def _parser() -> argparse.ArgumentParser:
         from .report import add_report_parser
         add_eval_parser(sub)
         add_report_parser(sub)
+        from .cond_eval import add_eval_guided_parser
+        add_eval_guided_parser(sub)
     except ImportError:  # evaluation modules are optional until installed
         pass
     return p
@@ -278,7 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": cmd_train, "distill": cmd_distill, "sample": cmd_sample, "export": cmd_export,
                 "presets": cmd_presets}
     try:
-        if args.command == "demo":
+        if args.command == "demo" and args.guided:
+            from .guided_demo import run_guided_demo
+            run_guided_demo(out=Path(args.out if args.out != "runs/demo" else "runs/demo-guided"), quick=args.quick,
+                            seed=args.seed, num_eval=args.num_eval)
+        elif args.command == "demo":
             from .demo import run_demo
             run_demo(out=Path(args.out), quick=args.quick, seed=args.seed, num_eval=args.num_eval,
                      teacher_iters=args.teacher_iters, iters_per_round=args.iters_per_round,

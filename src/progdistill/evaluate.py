@@ -85,6 +85,9 @@ def resolve_run(path) -> Run:
             teacher = path.parent / "teacher"   # a moved demo folder
         students = {parse_steps_folder(p.name): p for p in sorted(path.glob("steps-*")) if (p / CARD).is_file()}
         return Run(path, teacher, int(card["start_steps"]), {n: p for n, p in students.items() if n})
+    if card.get("kind") == "student" and card.get("steps") is None:
+        raise UserError(f"{path} is a guidance-distilled model for any step count; evaluate its distillation run "
+                        f"{path.parent} (eval-guided), or sample it with --steps and --guidance")
     if card.get("kind") == "student":
         if (path.parent / CARD).is_file() and read_json(path.parent / CARD).get("kind") == "distillation":
             return dataclasses.replace(resolve_run(path.parent), students={int(card["steps"]): path})
@@ -162,7 +165,8 @@ def teacher_samples(run: Run, teacher: Model, *, num: int, seed: int, steps: int
             x = None
     have = 0 if x is None else len(x)
     if have < num:
-        log(f"teacher reference: {num - have} samples of {steps}-step DDIM (cached in {path.parent})")
+        log(f"teacher reference: {num - have} samples of {steps}-step DDIM"
+            f"{'' if guidance is None else f' at w = {guidance:g}'} (cached in {path.parent})")
         more, sec = timed_generate(teacher, steps=steps, sampler="ddim", num=num - have, seed=seed,
                                    batch_size=batch_size, start=have, guidance=guidance)
         x, seconds = (more, sec) if x is None else (torch.cat([x, more]), seconds + sec)
