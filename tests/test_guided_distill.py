@@ -119,9 +119,9 @@ def test_stage2_loss_gives_teacher_and_student_the_same_c_and_w():
 
 
 # ------------------------------------------------------------------ the w-conditioned network
-TINY_UNET = ModelConfig(resolution=8, channels=1, block_out_channels=(8, 16), attention_resolutions=(), norm_num_groups=8,
+TINY_UNET = ModelConfig(resolution=8, channels=1, block_out_channels=(8, 16), attention_levels=(), norm_num_groups=8,
                         num_classes=10)
-TINY_MLP = ModelConfig(kind="mlp", channels=2, hidden=32, depth=2, block_out_channels=(), attention_resolutions=(),
+TINY_MLP = ModelConfig(kind="mlp", channels=2, hidden=32, depth=2, block_out_channels=(), attention_levels=(),
                        num_classes=3)
 
 

@@ -13,7 +13,7 @@ from progdistill.distill import distill
 from progdistill.pipeline import load
 from progdistill.teacher import train
 
-TINY = {"block_out_channels": (8, 16), "norm_num_groups": 8, "attention_resolutions": ()}
+TINY = {"block_out_channels": (8, 16), "norm_num_groups": 8, "attention_levels": ()}
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 

@@ -40,7 +40,7 @@ FULL = GuidedBudget(teacher_iters=2000, guided_iters=300, iters_per_round=80, la
                     minutes=(3.5, 3.7))
 QUICK = GuidedBudget(teacher_iters=40, guided_iters=6, iters_per_round=3, last_rounds_factor=1.0, batch=16,
                      start_steps=4, num_eval=40, ref_steps=4, ws=(0.0, 2.0), steps=(1, 2), minutes=(1.0, 1.0),
-                     model_overrides={"block_out_channels": (8, 16), "norm_num_groups": 8, "attention_resolutions": ()})
+                     model_overrides={"block_out_channels": (8, 16), "norm_num_groups": 8, "attention_levels": ()})
 
 
 def run_guided_demo(out: Path = Path("runs/demo-guided"), quick: bool = False, seed: int = 0,
