@@ -50,7 +50,7 @@ class ModelCard:
     """What it takes to rebuild and use a model without its training config (card format 2).
 
     Format 2 adds `network` (class and diffusers config: any UNet2DModel round-trips), sampling
-    `clip`/`clip_range`, `null_class`, `normalizer` and `source`; format 1 cards still load.
+    `clip`/`clip_range`, `null_class`, `normalizer`, `source` and (optional) `guidance`; format 1 cards still load.
     """
 
     model: ModelConfig | None    # progdistill's architecture; None for imported teachers
@@ -68,6 +68,7 @@ class ModelCard:
     null_class: bool = True      # own class-conditional nets: last class row is the null class (guidance)
     normalizer: dict | None = None   # vector normalisation, stored and round-tripped only
     source: str | None = None    # the `diffusers:` spec as given, for imported teachers
+    guidance: dict | None = None     # w-conditioned (guidance-distilled) models: {"w_min", "w_max"}
 
     def __post_init__(self) -> None:
         if self.model is None and self.network is None:
@@ -81,7 +82,8 @@ class ModelCard:
                 "network": self.network, "param": self.param, "schedule": self.schedule.to_dict(), "data": self.data,
                 "iteration": self.iteration, "kind": self.kind, "steps": self.steps, "weights": self.weights,
                 "provenance": self.provenance or {}, "clip": self.clip, "clip_range": self.clip_range,
-                "null_class": self.null_class, "normalizer": self.normalizer, "source": self.source}
+                "null_class": self.null_class, "normalizer": self.normalizer, "source": self.source,
+                "guidance": self.guidance}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelCard":
@@ -93,7 +95,7 @@ class ModelCard:
                    kind=d.get("kind", "teacher"), steps=d.get("steps"), weights=d.get("weights", "ema"),
                    provenance=d.get("provenance"), network=d.get("network"), clip=d.get("clip"),
                    clip_range=d.get("clip_range", 1.0), null_class=d.get("null_class", True),
-                   normalizer=d.get("normalizer"), source=d.get("source"))
+                   normalizer=d.get("normalizer"), source=d.get("source"), guidance=d.get("guidance"))
 
 
 def num_classes(card: ModelCard) -> int:

@@ -13,7 +13,8 @@ from .errors import UserError
 EXAMPLES = {
     "demo": """examples:
   progdistill demo                       # digits: teacher, distil 256 -> 1 step, grids, table, report (~10 min)
-  progdistill demo --quick --out runs/q  # a 2-minute smoke run""",
+  progdistill demo --quick --out runs/q  # a 2-minute smoke run
+  progdistill demo --guided              # guided distillation of a class-conditional teacher (~10 min)""",
     "train": """examples:
   progdistill train --data digits --out runs/teacher
   progdistill train --data toy:moons --out runs/moons --iters 2000
@@ -26,11 +27,14 @@ EXAMPLES = {
   progdistill distill --teacher runs/teacher --out runs/distill
   progdistill distill --teacher runs/teacher --out runs/d4 --final-steps 4 --iters-per-round 500
   progdistill distill --teacher runs/eps-teacher --out runs/d --student-param v
-  progdistill distill --teacher diffusers:~/ddpm-digits --data digits --out runs/d   # a diffusers DDPMPipeline folder""",
+  progdistill distill --teacher diffusers:~/ddpm-digits --data digits --out runs/d   # a diffusers DDPMPipeline folder
+  progdistill distill --teacher runs/cond --guided --w-max 4 --final-steps 1 --out runs/gd   # guided: runs/gd/guided, steps-*""",
     "sample": """examples:
   progdistill sample --model runs/teacher --steps 256 --num 64 --out teacher.png
   progdistill sample --model runs/distill/steps-0004 --steps 4 --num 64 --out pd4.png --npz pd4.npz
-  progdistill sample --model runs/teacher --steps 64 --sampler ancestral --logvar-frac 0.3 --out anc.png""",
+  progdistill sample --model runs/teacher --steps 64 --sampler ancestral --logvar-frac 0.3 --out anc.png
+  progdistill sample --model runs/cond --steps 256 --guidance 2 --class 3 --out guided.png   # 512 evaluations
+  progdistill sample --model runs/gd/steps-0004 --guidance 2 --sampler stochastic --out gd4.png  # 4 evaluations""",
     "export": """examples:
   progdistill export runs/distill/steps-0004 --out exported/pd4   # one student
   progdistill export runs/distill --out exported/pd-last            # a distillation run: its last finished round
@@ -64,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--teacher-iters", type=int, default=None, help="override the teacher budget (no time limit)")
     d.add_argument("--iters-per-round", type=int, default=None, help="override the distillation budget (no time limit)")
     d.add_argument("--last-rounds-factor", type=float, default=None)
+    d.add_argument("--guided", action="store_true", help="guided distillation instead: class-conditional teacher, "
+                   "stage 1 + 2 to 1 step, class x w grids, FD vs class accuracy per w (~10 min)")
 
     t = add("train", "train a teacher (paper Algorithm 1)")
     t.add_argument("--data", default="digits", help="digits | toy:NAME | folder:PATH | npz:PATH | cifar10:PATH")
@@ -117,6 +123,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--student-ema", type=float, default=0.0, help="EMA decay of the student within each round, "
                    "reset every round; the round's model (and next teacher) is then the EMA (default 0: none, as in "
                    "the paper's released configs)")
+    s.add_argument("--guided", action="store_true", help="guided distillation (Meng et al. 2023) of a class-conditional "
+                   "teacher trained with label dropout: stage 1 into OUT/guided (a w-conditioned model), then the rounds")
+    s.add_argument("--w-min", type=float, default=0.0, help="--guided: smallest guidance strength w trained")
+    s.add_argument("--w-max", type=float, default=4.0, help="--guided: largest w trained (the paper's pixel-space range)")
+    s.add_argument("--guided-iters", type=int, default=None, help="--guided: stage-1 iterations (default --iters-per-round)")
     _common_run_args(s, checkpoint_every=200)
 
     m = add("sample", "sample from a teacher run or a distilled model")
@@ -127,9 +138,13 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default=None, help="PNG grid (images) or scatter plot (vectors)")
     m.add_argument("--npz", default=None, help="also save samples as .npz (uint8 images / float vectors)")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--sampler", default="ddim", choices=["ddim", "ancestral", "dpmpp2m"])
+    m.add_argument("--sampler", default="ddim", choices=["ddim", "ancestral", "dpmpp2m", "stochastic"],
+                   help="stochastic: the N-step sampler for distilled students (2/N DDIM jump, then re-noise)")
     m.add_argument("--logvar-frac", type=float, default=0.0, help="ancestral: 0 fixed_small .. 1 fixed_large")
     m.add_argument("--class", dest="class_label", type=int, default=None)
+    m.add_argument("--guidance", type=float, default=None, metavar="W",
+                   help="classifier-free guidance w >= 0: x = (1 + w) x_c - w x_null (diffusers' guidance_scale "
+                        "= 1 + w); class-conditional teachers (2 evaluations per step) and --guided students (1)")
     m.add_argument("--batch-size", type=int, default=500)
 
     x = add("export", "write a model as a diffusers DDIMPipeline folder with a README model card")
@@ -147,6 +162,8 @@ def _parser() -> argparse.ArgumentParser:
         from .report import add_report_parser
         add_eval_parser(sub)
         add_report_parser(sub)
+        from .cond_eval import add_eval_guided_parser
+        add_eval_guided_parser(sub)
     except ImportError:  # evaluation modules are optional until installed
         pass
     return p
@@ -205,7 +222,8 @@ def cmd_distill(a) -> None:
                         batch_size=a.batch_size, weighting=a.weighting, student_param=a.student_param,
                         ema_decay=a.student_ema, seed=a.seed, precision=a.precision, grad_accum=a.grad_accum,
                         checkpoint_every=a.checkpoint_every, keep_last=a.keep_last, time_limit=a.time_limit,
-                        log_every=a.log_every)
+                        log_every=a.log_every, guided=a.guided, w_min=a.w_min, w_max=a.w_max,
+                        guided_iters=a.guided_iters)
     out = distill(cfg, a.out, resume=a.resume, progress=not a.no_progress)
     print(f"distillation run: {out}")
 
@@ -216,9 +234,10 @@ def cmd_sample(a) -> None:
     from .pipeline import load
     model = load(a.model)
     x = model.sample(num=a.num, steps=a.steps, seed=a.seed, sampler=a.sampler, logvar_frac=a.logvar_frac,
-                     class_label=a.class_label, batch_size=a.batch_size, progress=True)
+                     class_label=a.class_label, batch_size=a.batch_size, guidance=a.guidance, progress=True)
+    title = f"{a.sampler} {a.steps or model.card.steps or 256}" + ("" if a.guidance is None else f", w = {a.guidance:g}")
     if a.out:
-        print(f"wrote {save_samples(x, Path(a.out), title=f'{a.sampler} {a.steps or model.card.steps}')}")
+        print(f"wrote {save_samples(x, Path(a.out), title=title)}")
     if a.npz:
         arr = to_uint8(x) if x.dim() == 4 else x.numpy()
         np.savez_compressed(a.npz, x=arr)
@@ -266,7 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": cmd_train, "distill": cmd_distill, "sample": cmd_sample, "export": cmd_export,
                 "presets": cmd_presets}
     try:
-        if args.command == "demo":
+        if args.command == "demo" and args.guided:
+            from .guided_demo import run_guided_demo
+            run_guided_demo(out=Path(args.out if args.out != "runs/demo" else "runs/demo-guided"), quick=args.quick,
+                            seed=args.seed, num_eval=args.num_eval)
+        elif args.command == "demo":
             from .demo import run_demo
             run_demo(out=Path(args.out), quick=args.quick, seed=args.seed, num_eval=args.num_eval,
                      teacher_iters=args.teacher_iters, iters_per_round=args.iters_per_round,

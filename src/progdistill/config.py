@@ -118,6 +118,10 @@ class DistillConfig:
     keep_last: int = 3
     time_limit: float | None = None
     log_every: int = 25
+    guided: bool = False             # guided distillation (method.md §9): stage 1, then the rounds on it
+    w_min: float = 0.0
+    w_max: float = 4.0
+    guided_iters: int | None = None  # stage-1 iterations (default: --iters-per-round)
 
     def validate(self) -> "DistillConfig":
         _check_common(self)
@@ -139,6 +143,10 @@ class DistillConfig:
             raise UserError(f"--last-rounds-factor must be positive, got {self.last_rounds_factor}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"student EMA decay must lie in [0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.w_min < self.w_max:
+            raise UserError(f"guidance range needs 0 <= --w-min < --w-max, got [{self.w_min}, {self.w_max}]")
+        if self.guided_iters is not None and (not isinstance(self.guided_iters, int) or self.guided_iters < 1):
+            raise UserError(f"--guided-iters must be a positive integer, got {self.guided_iters!r}")
         return self
 
 

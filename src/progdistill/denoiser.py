@@ -23,15 +23,18 @@ class Denoiser(nn.Module):
         self.schedule = schedule
         self.param = check_param(param)
 
-    def raw_output(self, z_t: torch.Tensor, logsnr_t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def raw_output(self, z_t: torch.Tensor, logsnr_t: torch.Tensor, class_labels: torch.Tensor | None = None,
+                   w: torch.Tensor | None = None) -> torch.Tensor:
         tau = self.schedule.time_input(logsnr_t).to(z_t.device)
-        out = self.net(z_t, tau, class_labels=class_labels)
+        extra = {} if w is None else {"w": w}     # guidance strength, for w-conditioned networks (guided_net.py)
+        out = self.net(z_t, tau, class_labels=class_labels, **extra)
         return out.sample if hasattr(out, "sample") else out
 
-    def forward(self, z_t: torch.Tensor, logsnr_t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """x_pred(z_t) per the parameterization; computed in float32 even under autocast."""
+    def forward(self, z_t: torch.Tensor, logsnr_t: torch.Tensor, class_labels: torch.Tensor | None = None,
+                w: torch.Tensor | None = None) -> torch.Tensor:
+        """x_pred(z_t[, c, w]) per the parameterization; computed in float32 even under autocast."""
         logsnr_t = torch.as_tensor(logsnr_t, device=z_t.device).expand(z_t.shape[0])
-        out = self.raw_output(z_t, logsnr_t, class_labels).float()
+        out = self.raw_output(z_t, logsnr_t, class_labels, w).float()
         alpha, sigma = alpha_sigma(logsnr_t.float().reshape(-1, *([1] * (z_t.dim() - 1))))
         return x_pred_from_output(self.param, out, z_t.float(), alpha, sigma)
 

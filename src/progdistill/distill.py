@@ -25,6 +25,7 @@ from .config import DistillConfig, from_dict, to_dict
 from .data import Dataset, load_data
 from .denoiser import Denoiser
 from .errors import UserError
+from .guidance import WDenoiser, check_guidable
 from .losses import weighted_x_loss
 from .models import count_parameters, get_preset, spec_with_param
 from .normalize import Normalizer
@@ -174,7 +175,7 @@ def student_card(card0: ModelCard, t_card: ModelCard, student_param: str, cfg: D
     return ModelCard(model=model, network=network, param=student_param, schedule=card0.schedule, data=data,
                      iteration=iters, kind="student", steps=n_student, weights="model", clip=card0.clip,
                      clip_range=card0.clip_range, null_class=card0.null_class, normalizer=card0.normalizer,
-                     source=card0.source,
+                     source=card0.source, guidance=card0.guidance,
                      provenance={"progdistill": __version__, "teacher": teacher_ref, "round": round_idx,
                                  "teacher_steps": 2 * n_student, "seed": cfg.seed,
                                  "preset": (card0.provenance or {}).get("preset")})
@@ -206,16 +207,21 @@ def distill_batch(data: Dataset, *, seed: int, round_idx: int, step: int, batch_
 
 def distillation_loss(student, teacher, batch: dict, sl: slice, *, num_steps: int, schedule: Schedule,
                       weighting: str, class_cond: bool) -> torch.Tensor:
-    """L = w(lambda_t) ||x~ - x_theta(z_t)||^2, with z_t = alpha_t x + sigma_t eps at t = i/N (Algorithm 2)."""
+    """L = w(lambda_t) ||x~ - x_theta(z_t)||^2, with z_t = alpha_t x + sigma_t eps at t = i/N (Algorithm 2).
+
+    A batch with "w" (guided stage 2) gives teacher and student the same (c, w) per example."""
     x, i, eps = batch["x"][sl], batch["i"][sl], batch["eps"][sl]
     y = batch["y"][sl] if class_cond else None
+    w = batch["w"][sl].float() if batch.get("w") is not None else None
+    if w is not None:
+        teacher = WDenoiser(teacher, w=w)
     logsnr_64 = schedule.logsnr(i.double() / num_steps)    # the student's time input from float64, as in sampling
     logsnr_t = logsnr_64.float()
     alpha, sigma = alpha_sigma(_b(logsnr_t, x))
     z_t = alpha * x + sigma * eps
     with torch.autocast(device_type=z_t.device.type, enabled=False):
         target = distillation_target(teacher, z_t.float(), i=i, num_steps=num_steps, schedule=schedule, class_labels=y)
-    x_pred = student(z_t, logsnr_64, y)
+    x_pred = student(z_t, logsnr_64, y) if w is None else student(z_t, logsnr_64, y, w=w)
     return weighted_x_loss(target, x_pred, logsnr_t, weighting).mean()
 
 
@@ -237,6 +243,9 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
     teacher0, card0 = load_denoiser(teacher_run, device=dist_info.device)
     cfg = resolve_config(cfg, card0, teacher_run, count_parameters(teacher0.net))
     student_param = student_param_for(card0.param, cfg.student_param)
+    null_label = check_guidable(card0, teacher_run) if cfg.guided else None   # before any work: one-line refusal
+    if cfg.guided and cfg.guided_iters is None:
+        cfg = dataclasses.replace(cfg, guided_iters=cfg.iters_per_round)
     n_classes = num_classes(card0)
     class_cond = n_classes > 0
     shape = tuple(card0.data["shape"])
@@ -263,7 +272,7 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
     cfg = dataclasses.replace(cfg, teacher=teacher_ref)   # a resume from another folder finds it too
     run_card = {"kind": "distillation", "teacher": teacher_ref, "teacher_spec": teacher_run, "start_steps": cfg.start_steps,
                 "final_steps": cfg.final_steps, "student_param": student_param, "rounds": [], "latest": None,
-                "progdistill": __version__}
+                "progdistill": __version__, "guided": None if not cfg.guided else {"finished": False}}
     if (out / CARD).is_file() and resume:
         run_card = read_json(out / CARD, "distillation card")
     state_path = latest_state(out / "state") if resume else None
@@ -279,6 +288,14 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
     metrics = MetricsLog(out / "metrics.jsonl", dist_info.is_main)
     deadline = time.time() + 60 * cfg.time_limit if cfg.time_limit else None
     torch.manual_seed(seed_for(cfg.seed, 20_000 + dist_info.rank))
+    if cfg.guided:   # stage 1, then the rounds distil the w-conditioned model (guided_distill.py)
+        from .guided_distill import GUIDED_FOLDER, distill_guidance
+        if not (run_card.get("guided") or {}).get("iters"):
+            if not distill_guidance(cfg, out, teacher=teacher0, card0=card0, data=data, student_param=student_param,
+                                    null_label=null_label, teacher_ref=teacher_ref, run_card=run_card,
+                                    dist_info=dist_info, deadline=deadline, metrics=metrics, progress=progress):
+                return out
+        teacher0, card0 = load_denoiser(out / GUIDED_FOLDER, device=dist_info.device)
 
     for r in range(first_round, len(rounds)):
         n_student, iters = rounds[r]["steps"], rounds[r]["iters"]
@@ -309,6 +326,10 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
                 cache.update(key=(r, step), batch=distill_batch(data, seed=cfg.seed, round_idx=r, step=step,
                                                                batch_size=cfg.batch_size, num_steps=n_student,
                                                                device=dist_info.device))
+                if cfg.guided:   # w per example from its own generator: the batch's other draws do not move
+                    from .guided_distill import stage2_w
+                    cache["batch"]["w"] = stage2_w(seed=cfg.seed, round_idx=r, step=step, batch_size=cfg.batch_size,
+                                                   w_min=cfg.w_min, w_max=cfg.w_max, device=dist_info.device)
             sl = local_slice(cfg.batch_size, dist_info, cfg.grad_accum, micro)
             return distillation_loss(model, teacher, cache["batch"], sl, num_steps=n_student,
                                      schedule=card0.schedule, weighting=cfg.weighting, class_cond=class_cond)

@@ -85,6 +85,9 @@ def resolve_run(path) -> Run:
             teacher = path.parent / "teacher"   # a moved demo folder
         students = {parse_steps_folder(p.name): p for p in sorted(path.glob("steps-*")) if (p / CARD).is_file()}
         return Run(path, teacher, int(card["start_steps"]), {n: p for n, p in students.items() if n})
+    if card.get("kind") == "student" and card.get("steps") is None:
+        raise UserError(f"{path} is a guidance-distilled model for any step count; evaluate its distillation run "
+                        f"{path.parent} (eval-guided), or sample it with --steps and --guidance")
     if card.get("kind") == "student":
         if (path.parent / CARD).is_file() and read_json(path.parent / CARD).get("kind") == "distillation":
             return dataclasses.replace(resolve_run(path.parent), students={int(card["steps"]): path})
@@ -135,21 +138,23 @@ def check_request(run: Run, family: str, methods, steps, metrics, spec: str) -> 
 
 # ------------------------------------------------------------------------------- sampling
 def timed_generate(model: Model, *, steps: int, sampler: str, num: int, seed: int, logvar_frac: float = 0.0,
-                   batch_size: int = 500, start: int = 0) -> tuple[torch.Tensor, float]:
+                   batch_size: int = 500, start: int = 0, guidance: float | None = None) -> tuple[torch.Tensor, float]:
     t0 = time.perf_counter()
     x = generate(model.denoiser, model.card, steps=steps, num=num, seed=seed, sampler=sampler,
-                 logvar_frac=logvar_frac, batch_size=batch_size, device=model.device, start=start)
+                 logvar_frac=logvar_frac, batch_size=batch_size, device=model.device, start=start, guidance=guidance)
     return x, time.perf_counter() - t0
 
 
 def teacher_samples(run: Run, teacher: Model, *, num: int, seed: int, steps: int | None = None,
-                    batch_size: int = 500, log=print) -> tuple[torch.Tensor, float]:
-    """The teacher's N0-step DDIM samples 0..num-1 of `seed`, cached in RUN/eval-cache (extended as needed).
+                    batch_size: int = 500, guidance: float | None = None, log=print) -> tuple[torch.Tensor, float]:
+    """The teacher's N0-step DDIM samples 0..num-1 of `seed` (guided at w = `guidance` if given), cached in
+    RUN/eval-cache (extended as needed).
 
     Returns (samples, seconds it took to generate that many).
     """
     steps = steps or run.start_steps
-    path = run.root / "eval-cache" / f"teacher-ddim{steps:04d}-seed{seed}.npz"
+    wtag = "" if guidance is None else f"-w{guidance:g}"
+    path = run.root / "eval-cache" / f"teacher-ddim{steps:04d}-seed{seed}{wtag}.npz"
     x, seconds = None, 0.0
     if path.is_file():
         try:
@@ -160,9 +165,10 @@ def teacher_samples(run: Run, teacher: Model, *, num: int, seed: int, steps: int
             x = None
     have = 0 if x is None else len(x)
     if have < num:
-        log(f"teacher reference: {num - have} samples of {steps}-step DDIM (cached in {path.parent})")
+        log(f"teacher reference: {num - have} samples of {steps}-step DDIM"
+            f"{'' if guidance is None else f' at w = {guidance:g}'} (cached in {path.parent})")
         more, sec = timed_generate(teacher, steps=steps, sampler="ddim", num=num - have, seed=seed,
-                                   batch_size=batch_size, start=have)
+                                   batch_size=batch_size, start=have, guidance=guidance)
         x, seconds = (more, sec) if x is None else (torch.cat([x, more]), seconds + sec)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
@@ -174,7 +180,7 @@ def teacher_samples(run: Run, teacher: Model, *, num: int, seed: int, steps: int
 
 def tune_ancestral(run: Run, teacher: Model, steps: int, *, spec: str, family: str, grid=ANCESTRAL_GRID,
                    num: int = 500, seed: int = 0, cache=None, batch_size: int = 500, log=print,
-                   _scorer: dict | None = None) -> float:
+                   guidance: float | None = None, _scorer: dict | None = None) -> float:
     """Best log-variance fraction for N-step ancestral sampling, scored against the TRAINING split.
 
     Results are cached in RUN/ancestral-tuning.json per N (reused while grid, metric and num match).
@@ -183,7 +189,7 @@ def tune_ancestral(run: Run, teacher: Model, steps: int, *, spec: str, family: s
     table = read_json(path, "ancestral tuning") if path.is_file() else {}
     entry = table.get(str(steps))
     want = {"grid": grid, "metric": metric, "num": num, "seed": seed, "data": spec, "split": "train",
-            "teacher_iteration": teacher.card.iteration}
+            "teacher_iteration": teacher.card.iteration, "guidance": guidance}
     if entry and all(entry.get(k) == v for k, v in want.items()):
         return float(entry["logvar_frac"])
     cache_key = (spec, num, seed)
@@ -194,7 +200,7 @@ def tune_ancestral(run: Run, teacher: Model, steps: int, *, spec: str, family: s
     scores = []
     for frac in grid:   # tuning noise: another seed than the evaluation's
         x, _ = timed_generate(teacher, steps=steps, sampler="ancestral", num=num, seed=seed + 1, logvar_frac=frac,
-                              batch_size=batch_size)
+                              batch_size=batch_size, guidance=guidance)
         scores.append(scorer(x)[metric])
     best = grid[int(np.nanargmin(scores))]
     table[str(steps)] = {**want, "scores": scores, "logvar_frac": best}
@@ -209,13 +215,17 @@ def evaluate(model_path, *, data: str | None = None, steps=None, methods=None, m
              seed: int = 0, reference: bool = False, ref_num: int | None = None,
              ancestral_grid=ANCESTRAL_GRID, tune_num: int | None = None,
              inception=None, allow_download: bool = True, cache=None, batch_size: int = 500, device=None,
-             progress: bool = True, log=tqdm.write) -> list[dict]:
+             guidance: float | None = None, progress: bool = True, log=tqdm.write) -> list[dict]:
     """One record per (method, steps): {"method", "steps", "nfe", "num", "seed", "data", <metrics>,
     "samples_per_s"[, "logvar_frac"]}; `reference=True` adds the teacher's N0-step DDIM ("ddim", N0).
 
     `ref_num` < num computes psnr_teacher on the first ref_num seeds only (the N0-step reference costs N0
     NFE per sample; a per-sample mean needs no equal n), and then no ("ddim", N0) row is added, because
-    its FD would rest on fewer samples than the others ("psnr_num" says how many were used)."""
+    its FD would rest on fewer samples than the others ("psnr_num" says how many were used).
+
+    `guidance` = w samples every method with classifier-free guidance (the teacher's samplers and its
+    reference guided, 2 evaluations per step at w > 0; guidance-distilled students take w, 1 per step);
+    "nfe" counts network evaluations per sample."""
     if num < 2:
         raise UserError(f"--num must be at least 2 (covariances), got {num}")
     run = resolve_run(model_path)
@@ -241,22 +251,27 @@ def evaluate(model_path, *, data: str | None = None, steps=None, methods=None, m
     units = normalizer.encode if normalizer is not None else (lambda v: v)   # range-based metrics: model units
     ref_x = ref_sec = None
     if "psnr_teacher" in metrics or ref_job in jobs:
-        ref_x, ref_sec = teacher_samples(run, teacher, num=ref_num, seed=seed, batch_size=batch_size, log=log)
-    timed_generate(teacher, steps=1, sampler="ddim", num=min(num, batch_size), seed=seed, batch_size=batch_size)
+        ref_x, ref_sec = teacher_samples(run, teacher, num=ref_num, seed=seed, batch_size=batch_size,
+                                         guidance=guidance, log=log)
+    timed_generate(teacher, steps=1, sampler="ddim", num=min(num, batch_size), seed=seed, batch_size=batch_size,
+                   guidance=guidance)
     records, scorers = [], {}   # (a warm-up call first, so that samples_per_s is the steady rate)
     for method, n in tqdm(jobs, desc="eval", disable=not progress):
-        rec = {"method": method, "steps": n, "nfe": n, "num": num, "seed": seed, "data": spec}
+        per_step = 1 if method == "pd" or not guidance else 2    # a guided teacher evaluates twice per step
+        rec = {"method": method, "steps": n, "nfe": n * per_step, "num": num, "seed": seed, "data": spec}
+        if guidance is not None:
+            rec["guidance"] = guidance
         frac = 0.0
         if method == "ancestral" and n > 1:   # one step adds no noise: the fraction is moot
             frac = tune_ancestral(run, teacher, n, spec=spec, family=family, grid=ancestral_grid,
                                   num=tune_num or min(num, 500), seed=seed, cache=cache, batch_size=batch_size,
-                                  log=log, _scorer=scorers)
+                                  log=log, guidance=guidance, _scorer=scorers)
         if method == "ddim" and n == run.start_steps and ref_x is not None:
             x, sec = ref_x, ref_sec
         else:
             model = load(run.students[n], device=device) if method == "pd" else teacher
             x, sec = timed_generate(model, steps=n, sampler=SAMPLER[method], num=num, seed=seed, logvar_frac=frac,
-                                    batch_size=batch_size)
+                                    batch_size=batch_size, guidance=guidance)
         if not torch.isfinite(x).all():
             raise UserError(f"{method} with {n} steps produced NaN/inf samples; the model diverged")
         rec.update(scorer(x))
@@ -321,6 +336,8 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--tune-num", type=int, default=None, help="samples per tuned fraction (default min(num, 500))")
     e.add_argument("--batch-size", type=int, default=500)
     e.add_argument("--device", default=None)
+    e.add_argument("--guidance", type=float, default=None, metavar="W",
+                   help="classifier-free guidance w for every method (class-conditional teachers, --guided students)")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -336,7 +353,8 @@ def cmd_eval(a) -> None:
     num = a.num or (50_000 if metrics and "fid" in metrics else 1000)
     records = evaluate(a.model, data=a.data, steps=steps, methods=_csv(a.sampler), metrics=metrics, num=num,
                        seed=a.seed, reference=a.reference, ref_num=a.ref_num, ancestral_grid=grid, tune_num=a.tune_num,
-                       inception=a.inception, batch_size=a.batch_size, device=a.device, progress=not a.no_progress)
+                       inception=a.inception, batch_size=a.batch_size, device=a.device, guidance=a.guidance,
+                       progress=not a.no_progress)
     print(format_records(records))
     out = Path(a.json) if a.json else resolve_run(a.model).root / "eval.json"
     write_json(out, records)

@@ -86,6 +86,9 @@ def resolve_source(model: str | Path) -> Source:
 def check_exportable(card: ModelCard, net: torch.nn.Module, name: str) -> None:
     """One-line errors for what diffusers' DDIMPipeline cannot run exactly: vectors, `both`, bad N."""
     from diffusers import UNet2DModel
+    if getattr(card, "guidance", None):
+        raise UserError(f"cannot export {name}: it is guidance-distilled (takes w as an input), and diffusers "
+                        f"pipelines have no w input; sample it with `progdistill sample --guidance W`")
     if card.data.get("kind") == "vector" or not isinstance(net, UNet2DModel):
         raise UserError(f"cannot export {name}: it is a vector (MLP) model and diffusers has no pipeline for vectors; "
                         f"only image models (UNet2DModel) export — sample it with `progdistill sample` or "

@@ -212,10 +212,12 @@ class MLPModel(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, dim: int = 2, out_dim: int = 2, hidden: int = 256, depth: int = 4,
-                 num_class_embeds: int | None = None, dropout: float = 0.0):
+                 num_class_embeds: int | None = None, dropout: float = 0.0, class_embed_type: str | None = None):
         super().__init__()
         self.temb = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.class_embedding = nn.Embedding(num_class_embeds, hidden) if num_class_embeds else None
+        # "identity" (as diffusers' UNet2DModel): class_labels is already an embedding, added as is (guided_net.py)
+        self.class_embedding = (nn.Identity() if class_embed_type == "identity"
+                                else nn.Embedding(num_class_embeds, hidden) if num_class_embeds else None)
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
@@ -288,12 +290,24 @@ def network_from_spec(spec: dict) -> nn.Module:
 
 def spec_with_param(spec: dict, param: str, *, dropout: float | None = None) -> dict:
     """The same architecture with output channels for `param` (both: 2C, else C) and optionally another dropout."""
+    if "base" in spec["config"]:    # a wrapper (GuidedNet): the channels live in its base network
+        return {"class_name": spec["class_name"],
+                "config": dict(spec["config"], base=spec_with_param(spec["config"]["base"], param, dropout=dropout))}
     cin, cout = _CHANNEL_KEYS[spec["class_name"]]
     config = dict(spec["config"])
     config[cout] = output_channels(param, config[cin])
     if dropout is not None:
         config["dropout"] = dropout
     return {"class_name": spec["class_name"], "config": config}
+
+
+def _register_wrappers() -> None:
+    """Wrapper networks defined elsewhere (they build on this module's helpers at call time)."""
+    from .guided_net import GuidedNet
+    NETWORK_CLASSES["GuidedNet"] = GuidedNet
+
+
+_register_wrappers()
 
 
 def with_dropout(cfg: ModelConfig, dropout: float) -> ModelConfig:

@@ -4,8 +4,10 @@
     model = progdistill.load("runs/demo/distill/steps-0004")
     x = model.sample(num=16, seed=0)            # uses the step count it was distilled for
 
-Sample k's initial noise (and ancestral noise) comes from its own generator seeded by
-(seed, k), so sample k is the same whatever the batch size or number of processes. Pass
+Sample k's initial noise (and ancestral or stochastic re-noising noise, each its own stream) comes
+from its own generator seeded by (seed, k), so sample k is the same whatever the batch size or
+number of processes. `guidance=w` applies classifier-free guidance (guidance.py): a guidable
+class-conditional teacher costs 2 evaluations per step at w > 0, a guidance-distilled student 1. Pass
 `noise=z` (shape (num, *data shape)) to start from given initial noise instead, e.g. to reproduce
 a diffusers pipeline call; the ancestral sampler's per-step noise still comes from the seeds.
 """
@@ -23,7 +25,8 @@ from .checkpoint import num_classes as card_num_classes
 from .denoiser import Denoiser
 from .errors import UserError
 from .normalize import Normalizer
-from .sampling import SAMPLERS, check_num_steps, sample_ancestral, sample_ddim, sample_dpmpp_2m
+from .guidance import guided_denoiser
+from .sampling import SAMPLERS, check_num_steps, sample_ancestral, sample_ddim, sample_dpmpp_2m, sample_stochastic
 from .seeds import PerSampleNoise, sample_seeds, seed_for
 
 
@@ -62,13 +65,15 @@ def check_noise(noise, shape: tuple[int, ...], num: int | None) -> torch.Tensor:
 def generate(denoiser: Denoiser, card: ModelCard, *, steps: int, num: int | None = None, seed: int = 0,
              sampler: str = "ddim", logvar_frac: float = 0.0, class_label: int | None = None, batch_size: int = 500,
              device: torch.device | str = "cpu", clip: bool | None = None, start: int = 0,
-             noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+             noise: torch.Tensor | None = None, guidance: float | None = None,
+             progress: bool = False) -> torch.Tensor:
     """Samples start..start+num-1 of seed `seed`; returns (num, *data shape) on the CPU, in the data's
     units (a vector model's normaliser is inverted; images are in [-1, 1]).
 
     `noise` (num, *data shape): the initial noise z_1 of those samples (row i is sample start+i)
     instead of the seeded one; `num` then follows it. Batches slice it, so results do not depend on
-    `batch_size`. Ancestral per-step noise still comes from the per-sample seeds.
+    `batch_size`. Ancestral and stochastic per-step noise still come from the per-sample seeds.
+    `guidance`: w >= 0 (None: the model as it is); see `guidance.guided_denoiser`.
     """
     check_num_steps(steps)
     if sampler not in SAMPLERS:
@@ -81,6 +86,7 @@ def generate(denoiser: Denoiser, card: ModelCard, *, steps: int, num: int | None
         raise UserError(f"--num must be a positive integer, got {num}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be a positive integer, got {batch_size}")
+    denoiser, _ = guided_denoiser(denoiser, card, guidance)
     default_clip, clip_range = sampling_clip(card)
     clip = default_clip if clip is None else clip
     out = []
@@ -99,6 +105,10 @@ def generate(denoiser: Denoiser, card: ModelCard, *, steps: int, num: int | None
             x = sample_ddim(denoiser, z_1, **kw)
         elif sampler == "dpmpp2m":
             x = sample_dpmpp_2m(denoiser, z_1, **kw)
+        elif sampler == "stochastic":
+            # re-noising noise: a third stream per sample, independent of the initial and ancestral noise
+            step_noise = PerSampleNoise([seed_for(s, 2) for s in seeds], shape, device)
+            x = sample_stochastic(denoiser, z_1, noise=step_noise, **kw)
         else:
             # ancestral noise: a second stream per sample, independent of the initial noise
             step_noise = PerSampleNoise([seed_for(s, 1) for s in seeds], shape, device)
@@ -120,9 +130,12 @@ class Model:
 
     def sample(self, num: int | None = None, *, steps: int | None = None, seed: int = 0, sampler: str = "ddim",
                logvar_frac: float = 0.0, class_label: int | None = None, batch_size: int = 500,
-               noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+               noise: torch.Tensor | None = None, guidance: float | None = None,
+               progress: bool = False) -> torch.Tensor:
         """Generate `num` samples (default 16): images (num, C, H, W) in [-1, 1]; vectors (num, d) in the data's units.
 
+        `guidance`: classifier-free guidance strength w >= 0 for guidable class-conditional teachers
+        (2 evaluations per step at w > 0) and guidance-distilled students (1 evaluation per step).
         `noise`: initial noise of shape (num, *data shape) instead of the seeded one (num follows it),
         e.g. `diffusers.utils.torch_utils.randn_tensor(shape, generator=g)` to match a diffusers call.
         """
@@ -135,7 +148,7 @@ class Model:
                           f"steps is not what it was trained for", stacklevel=2)
         return generate(self.denoiser, self.card, steps=steps, num=num, seed=seed, sampler=sampler,
                         logvar_frac=logvar_frac, class_label=class_label, batch_size=batch_size,
-                        device=self.device, noise=noise, progress=progress)
+                        device=self.device, noise=noise, guidance=guidance, progress=progress)
 
 
 def load(path: str | Path, *, device: str | torch.device | None = None, which: str | None = None) -> Model:

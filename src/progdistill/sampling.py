@@ -1,8 +1,8 @@
-"""Samplers over a time grid built once (method.md §4): DDIM, ancestral, DPM-Solver++(2M).
+"""Samplers over a time grid built once (method.md §4, §9): DDIM, ancestral, DPM-Solver++(2M), stochastic.
 
 Every sampler has one signature: `sample_x(denoiser, z_1, *, schedule, num_steps, ...)` where
 `denoiser(z_t, logsnr_t, class_labels) -> x_pred` and z_1 is the initial noise. Randomness is
-passed in: the ancestral sampler takes a `noise(step_index) -> Tensor` callable.
+passed in: the ancestral and stochastic samplers take a `noise(step_index) -> Tensor` callable.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .errors import UserError
 from .parameterization import eps_from_x
 from .schedules import Schedule, alpha_sigma
 
-SAMPLERS = ("ddim", "ancestral", "dpmpp2m")
+SAMPLERS = ("ddim", "ancestral", "dpmpp2m", "stochastic")
 
 
 class DenoiserFn(Protocol):
@@ -68,6 +68,17 @@ def ancestral_step(z_t: torch.Tensor, x_pred: torch.Tensor, noise: torch.Tensor,
     log_large = torch.log1p(-r) + 2.0 * torch.log(sigma_t)
     logvar = logvar_frac * log_large + (1.0 - logvar_frac) * log_small
     return mean + torch.exp(0.5 * logvar) * noise
+
+
+def renoise_step(z_k: torch.Tensor, noise: torch.Tensor, *, logsnr_k: torch.Tensor,
+                 logsnr_s: torch.Tensor) -> torch.Tensor:
+    """z_s ~ q(z_s | z_k), s later than k (lambda_s < lambda_k): (alpha_s / alpha_k) z_k + sigma_{s|k} eps,
+    sigma_{s|k}^2 = (1 - e^{lambda_s - lambda_k}) sigma_s^2 (the forward process from k to s)."""
+    lk, ls = _bcast(logsnr_k, z_k), _bcast(logsnr_s, z_k)
+    alpha_k, _ = alpha_sigma(lk)
+    alpha_s, sigma_s = alpha_sigma(ls)
+    var = -torch.expm1(ls - lk) * sigma_s**2
+    return (alpha_s / alpha_k) * z_k + torch.sqrt(var) * noise
 
 
 def _predict(denoiser: DenoiserFn, z: torch.Tensor, logsnr: torch.Tensor, class_labels, clip: bool,
@@ -147,4 +158,29 @@ def sample_dpmpp_2m(denoiser: DenoiserFn, z_1: torch.Tensor, *, schedule: Schedu
         h = 0.5 * (logsnr_s - logsnr_t)
         z = (sigma_s / sigma_t) * z - alpha_s * torch.expm1(-h).to(z.dtype) * d
         x_prev, h_prev = x_pred, h
+    return z
+
+
+@torch.no_grad()
+def sample_stochastic(denoiser: DenoiserFn, z_1: torch.Tensor, *, schedule: Schedule, num_steps: int,
+                      noise: Callable[[int], torch.Tensor], class_labels: torch.Tensor | None = None,
+                      clip: bool = True, clip_range: float = 1.0, progress: bool = False) -> torch.Tensor:
+    """Stochastic N-step sampler for distilled students (Meng et al. 2023 Alg. 3; method.md §9), N evaluations.
+
+    At each grid point t = i/N with i >= 2: x_pred = D(z_t); a DDIM step of length 2/N to k = t - 2/N;
+    then forward re-noising to s = t - 1/N, z_s = (alpha_s/alpha_k) z_k + sigma_{s|k} eps. At i = 2 the
+    jump lands on k = 0 and z_k = x_pred (as the last DDIM step returns x_pred). At t = 1/N the step is
+    deterministic and returns x_pred; N = 1 is 1-step DDIM. Every evaluation is on the student's grid
+    i/N; using a 1/N-step student's x_pred for a 2/N jump is the method's approximation. `noise(j)` is
+    the re-noising noise after evaluation j (j = 0 .. N-2).
+    """
+    logsnr = schedule.logsnr(time_grid(num_steps))      # logsnr[j] belongs to t = (N - j) / N
+    z = z_1
+    for j in tqdm(range(num_steps), desc=f"stochastic {num_steps}", leave=False, disable=not progress):
+        x_pred = _predict(denoiser, z, logsnr[j], class_labels, clip, clip_range)
+        if j == num_steps - 1:
+            return x_pred
+        k, s = j + 2, j + 1
+        z_k = x_pred if k == num_steps else ddim_step(z, x_pred, logsnr_t=logsnr[j], logsnr_s=logsnr[k])
+        z = renoise_step(z_k, noise(j), logsnr_k=logsnr[k], logsnr_s=logsnr[s])
     return z

@@ -255,7 +255,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     card = ModelCard(model=model_cfg, param=cfg.param, schedule=schedule, data=data_info(data), kind="teacher",
                      weights="ema", normalizer=normalizer.to_dict() if normalizer is not None else None,
                      provenance={"progdistill": __version__, "preset": preset.name,
-                                                "weighting": cfg.weighting, "seed": cfg.seed})
+                                 "weighting": cfg.weighting, "seed": cfg.seed,
+                                 # guidance needs a trained null class: recorded so that guidance can check it
+                                 "label_dropout": cfg.label_dropout if cfg.class_cond else 0.0})
 
     def save_fn(step: int) -> None:
         rngs = [rng_state()]

@@ -1,0 +1,163 @@
+"""Guided distillation (Meng et al., CVPR 2023; method.md §9): stage 1 and the w draws of stage 2.
+
+Stage 1 (guidance distillation) trains one w-conditioned student x_eta(z_t, c, w) (guided_net.py) on
+data: z_t = alpha_t x + sigma_t eps, t ~ U[0, 1], w ~ U[w_min, w_max], real labels c only, loss
+w(lambda_t) ||x_eta(z_t, c, w) - x^w_theta(z_t, c)||^2 with the teacher's weighting, where
+x^w_theta = (1 + w) x_theta(z_t, c) - w x_theta(z_t, null) is the guided teacher (the null label is used
+inside it alone). The student starts as the teacher (w = 0 conditional) and already has the stage-2
+parameterisation (eps teacher -> v student). It is saved as RUN2/guided/, a complete model folder
+(any step count, any w). Stage 2 is Algorithm 2 (distill.py) with the same (c, w) given to teacher
+and student; `stage2_w` draws w per example from its own keyed generator, so that the round's other
+draws are those of plain distillation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from . import __version__
+from .checkpoint import (CARD, ModelCard, latest_state, load_state, rotate_states, save_model_folder, state_name,
+                         torch_save_atomic, write_json)
+from .data import Dataset
+from .denoiser import Denoiser
+from .guidance import GuidedDenoiser
+from .guided_net import init_guided_student
+from .losses import check_weighting, weighted_x_loss
+from .models import network_spec, spec_with_param
+from .schedules import Schedule, alpha_sigma
+from .seeds import generator_for
+from .training import local_slice, lr_linear_decay, optimize, rng_state, set_rng_state
+
+STAGE1_KEY, STAGE1_W_KEY, STAGE2_W_KEY = 3_000_000, 3_000_001, 2_000_000   # keys of their own generators
+GUIDED_FOLDER, GUIDED_STATES = "guided", "state-guided"
+
+
+def draw_w(g: torch.Generator, batch_size: int, *, w_min: float, w_max: float) -> torch.Tensor:
+    """w ~ U[w_min, w_max] per example (float64)."""
+    return w_min + (w_max - w_min) * torch.rand(batch_size, generator=g, dtype=torch.float64)
+
+
+def guidance_batch(data: Dataset, *, seed: int, step: int, batch_size: int, w_min: float, w_max: float,
+                   device: torch.device) -> dict:
+    """The stage-1 global batch of one step, a function of (seed, step): x, y (real labels), t ~ U[0, 1], eps;
+    w ~ U[w_min, w_max] from a generator of its own."""
+    g = generator_for(torch.device("cpu"), seed, STAGE1_KEY, step)
+    idx = torch.randint(len(data), (batch_size,), generator=g)
+    t = torch.rand(batch_size, generator=g, dtype=torch.float64)
+    eps = torch.randn((batch_size, *data.shape), generator=g)
+    w = draw_w(generator_for(torch.device("cpu"), seed, STAGE1_W_KEY, step), batch_size, w_min=w_min, w_max=w_max)
+    return {"x": data.x[idx].to(device), "y": data.y[idx].to(device), "t": t.to(device), "eps": eps.to(device),
+            "w": w.to(device)}
+
+
+def stage2_w(*, seed: int, round_idx: int, step: int, batch_size: int, w_min: float, w_max: float,
+             device: torch.device) -> torch.Tensor:
+    """w per example of a stage-2 batch (seed, round, step), from its own generator."""
+    g = generator_for(torch.device("cpu"), seed, STAGE2_W_KEY + round_idx, step)
+    return draw_w(g, batch_size, w_min=w_min, w_max=w_max).to(device)
+
+
+@torch.no_grad()
+def guidance_target(teacher, z_t: torch.Tensor, *, logsnr_t: torch.Tensor, class_labels: torch.Tensor,
+                    w: torch.Tensor, null_label: int) -> torch.Tensor:
+    """x^w_theta(z_t, c) = (1 + w) x_theta(z_t, c) - w x_theta(z_t, null), w per example (the stage-1 target)."""
+    return GuidedDenoiser(teacher, w=w, null_label=null_label)(z_t, logsnr_t, class_labels)
+
+
+def guidance_loss(student, teacher, batch: dict, sl: slice, *, schedule: Schedule, weighting: str,
+                  null_label: int) -> torch.Tensor:
+    """L = w(lambda_t) ||x^w_theta(z_t, c) - x_eta(z_t, c, w)||^2, z_t = alpha_t x + sigma_t eps from data."""
+    x, t, eps, y, w = (batch[k][sl] for k in ("x", "t", "eps", "y", "w"))
+    logsnr_64 = schedule.logsnr(t)
+    logsnr_t = logsnr_64.float()
+    alpha, sigma = alpha_sigma(logsnr_t.reshape(-1, *([1] * (x.dim() - 1))))
+    z_t = alpha * x + sigma * eps
+    with torch.autocast(device_type=z_t.device.type, enabled=False):
+        target = guidance_target(teacher, z_t.float(), logsnr_t=logsnr_64, class_labels=y, w=w.float(),
+                                 null_label=null_label)
+    x_pred = student(z_t, logsnr_64, y, w=w.float())
+    return weighted_x_loss(target, x_pred, logsnr_t, weighting).mean()
+
+
+def guided_card(card0: ModelCard, net, student_param: str, cfg, *, iters: int, teacher_ref: str) -> ModelCard:
+    """The stage-1 student's card: GuidedNet, the student's parameterisation, [w_min, w_max]; the rest the teacher's."""
+    model = dataclasses.replace(card0.model, dropout=0.0) if card0.model is not None else None
+    prov = card0.provenance or {}
+    return ModelCard(model=model, network=network_spec(net), param=student_param, schedule=card0.schedule,
+                     data=dict(card0.data), iteration=iters, kind="student", steps=None, weights="model",
+                     clip=card0.clip, clip_range=card0.clip_range, null_class=card0.null_class,
+                     normalizer=card0.normalizer, source=card0.source,
+                     guidance={"w_min": cfg.w_min, "w_max": cfg.w_max},
+                     provenance={"progdistill": __version__, "teacher": teacher_ref, "stage": "guidance distillation",
+                                 "seed": cfg.seed, "preset": prov.get("preset"), "weighting": prov.get("weighting"),
+                                 "label_dropout": prov.get("label_dropout")})
+
+
+def distill_guidance(cfg, out: Path, *, teacher: Denoiser, card0: ModelCard, data: Dataset, student_param: str,
+                     null_label: int, teacher_ref: str, run_card: dict, dist_info, deadline, metrics,
+                     progress: bool) -> bool:
+    """Stage 1 into OUT/guided/ (resumable from OUT/state-guided/); True once finished."""
+    iters = cfg.guided_iters
+    weighting = check_weighting((card0.provenance or {}).get("weighting") or cfg.weighting)   # the teacher's
+    teacher.eval().requires_grad_(False)
+    t_spec = card0.network or network_spec(teacher.net)
+    student_net = init_guided_student(teacher.net, t_spec, student_spec=spec_with_param(t_spec, student_param, dropout=0.0),
+                                      w_min=cfg.w_min, w_max=cfg.w_max).to(dist_info.device)
+    optimizer = torch.optim.AdamW(student_net.parameters(), lr=cfg.lr, weight_decay=0.0)
+    start, prev_seconds, t0 = 0, 0.0, time.time()
+    state_path = latest_state(out / GUIDED_STATES)
+    if state_path is not None:
+        st = load_state(state_path)
+        student_net.load_state_dict(st["net"])
+        optimizer.load_state_dict(st["optimizer"])
+        set_rng_state(st["rng"][min(dist_info.rank, len(st["rng"]) - 1)])
+        start, prev_seconds = int(st["step"]), float(st.get("seconds", 0.0))
+    student = Denoiser(student_net, schedule=card0.schedule, param=student_param)
+    model = DistributedDataParallel(student) if dist_info.enabled else student
+    cache: dict = {}
+
+    def loss_fn(step: int, micro: int) -> torch.Tensor:
+        if cache.get("step") != step:
+            cache.update(step=step, batch=guidance_batch(data, seed=cfg.seed, step=step, batch_size=cfg.batch_size,
+                                                         w_min=cfg.w_min, w_max=cfg.w_max, device=dist_info.device))
+        sl = local_slice(cfg.batch_size, dist_info, cfg.grad_accum, micro)
+        return guidance_loss(model, teacher, cache["batch"], sl, schedule=card0.schedule, weighting=weighting,
+                             null_label=null_label)
+
+    def save_fn(step: int) -> None:
+        rngs = [rng_state()]
+        if dist_info.enabled:
+            gathered = [None] * dist_info.world
+            torch.distributed.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        if dist_info.is_main:
+            torch_save_atomic({"step": step, "net": student_net.state_dict(), "optimizer": optimizer.state_dict(),
+                               "rng": rngs, "seconds": prev_seconds + time.time() - t0},
+                              out / GUIDED_STATES / state_name(step))
+            rotate_states(out / GUIDED_STATES, cfg.keep_last)
+
+    result = optimize(model=model, params=list(student_net.parameters()), optimizer=optimizer, loss_fn=loss_fn,
+                      lr_fn=lr_linear_decay(cfg.lr, iters), start_step=start, iters=iters, grad_accum=cfg.grad_accum,
+                      grad_clip=cfg.grad_clip, precision=cfg.precision, dist_info=dist_info, save_fn=save_fn,
+                      checkpoint_every=cfg.checkpoint_every, deadline=deadline, metrics=metrics,
+                      log_every=cfg.log_every, desc=f"guidance distillation w~U[{cfg.w_min:g},{cfg.w_max:g}]",
+                      progress=progress, extra_log={"stage": "guidance"})
+    if not result.finished:
+        if dist_info.is_main:
+            print(f"time limit reached in guidance distillation at step {result.step}/{iters}; continue with --resume")
+        return False
+    if dist_info.is_main:
+        card = guided_card(card0, student_net, student_param, cfg, iters=iters, teacher_ref=teacher_ref)
+        save_model_folder(out / GUIDED_FOLDER, card, {"model": student_net})
+        run_card["guided"] = {"iters": iters, "seconds": prev_seconds + result.seconds, "w_min": cfg.w_min,
+                              "w_max": cfg.w_max}
+        run_card["latest"] = run_card.get("latest") or GUIDED_FOLDER
+        write_json(out / CARD, run_card)
+    if dist_info.enabled:
+        torch.distributed.barrier()
+    return True
