@@ -6,7 +6,8 @@ A comma list of faults; nothing is injected when the variable is unset or empty:
   nan_grad@STEP[:RANK]   the loss stays finite but its gradient is NaN on that rank (DDP then spreads it)
   die@POINT[#N]          os._exit(137) (a kill -9) the N-th time (default 1st) publication reaches POINT
   pause@POINT[#N]        print `fault: paused at POINT` to stderr and sleep an hour there (kill it yourself)
-POINTs are named where `checkpoint.py` calls `reached(...)`; `PROGDISTILL_FAULT=die@?` lists them on stderr.
+POINTs are named where publish.py calls `reached(...)` (version-written, public-linked, moved-aside,
+current-swapped, old-removed, dir-written, dir-published); `PROGDISTILL_FAULT=die@?` prints each as it is reached.
 """
 
 from __future__ import annotations

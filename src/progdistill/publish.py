@@ -192,7 +192,11 @@ def publish_version(folder: Path, write_fn: Callable[[Path], None], *, tag: str,
     name = f"{VERSION_PREFIX}{tag}-{uuid.uuid4().hex[:8]}"
     version = folder / name
     version.mkdir()
-    write_fn(version)
+    try:
+        write_fn(version)
+    except BaseException:
+        _remove(version)
+        raise
     fsync_tree(version)
     fsync_path(folder)
     reached("version-written")
