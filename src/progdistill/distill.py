@@ -33,8 +33,8 @@ from .parameterization import output_channels
 from .sampling import ddim_step
 from .schedules import Schedule, alpha_sigma
 from .seeds import generator_for, seed_for
-from .training import (EMA, MetricsLog, init_distributed, local_slice, lr_linear_decay, optimize,
-                       rng_state, set_rng_state)
+from .training import (EMA, MetricsLog, gathered_rng_states, init_distributed, local_slice, lr_linear_decay,
+                       optimize, set_rng_state)
 
 
 def _b(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -336,11 +336,7 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
 
         def save_fn(step: int, r=r, student_net=student_net, optimizer=optimizer, ema=ema, prev_seconds=prev_seconds,
                     round_t0=round_t0) -> None:
-            rngs = [rng_state()]
-            if dist_info.enabled:
-                gathered = [None] * dist_info.world
-                torch.distributed.all_gather_object(gathered, rngs[0])
-                rngs = gathered
+            rngs = gathered_rng_states(dist_info)
             if dist_info.is_main:
                 torch_save_atomic({"round": r, "step": step, "net": student_net.state_dict(),
                                    **({"ema": ema.net.state_dict()} if ema is not None else {}),

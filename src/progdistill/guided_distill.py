@@ -31,7 +31,7 @@ from .losses import check_weighting, weighted_x_loss
 from .models import network_spec, spec_with_param
 from .schedules import Schedule, alpha_sigma
 from .seeds import generator_for
-from .training import local_slice, lr_linear_decay, optimize, rng_state, set_rng_state
+from .training import gathered_rng_states, local_slice, lr_linear_decay, optimize, set_rng_state
 
 STAGE1_KEY, STAGE1_W_KEY, STAGE2_W_KEY = 3_000_000, 3_000_001, 2_000_000   # keys of their own generators
 GUIDED_FOLDER, GUIDED_STATES = "guided", "state-guided"
@@ -130,11 +130,7 @@ def distill_guidance(cfg, out: Path, *, teacher: Denoiser, card0: ModelCard, dat
                              null_label=null_label)
 
     def save_fn(step: int) -> None:
-        rngs = [rng_state()]
-        if dist_info.enabled:
-            gathered = [None] * dist_info.world
-            torch.distributed.all_gather_object(gathered, rngs[0])
-            rngs = gathered
+        rngs = gathered_rng_states(dist_info)
         if dist_info.is_main:
             torch_save_atomic({"step": step, "net": student_net.state_dict(), "optimizer": optimizer.state_dict(),
                                "rng": rngs, "seconds": prev_seconds + time.time() - t0},

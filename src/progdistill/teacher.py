@@ -21,8 +21,8 @@ from .normalize import Normalizer, fit_normalizer
 from .models import ModelConfig, Preset, build_network, check_side, count_parameters, for_data, get_preset, scaled_width
 from .schedules import Schedule, alpha_sigma
 from .seeds import generator_for, seed_for
-from .training import (EMA, MetricsLog, init_distributed, local_slice, lr_warmup_constant, lr_warmup_cosine, optimize,
-                       rng_state, set_rng_state)
+from .training import (EMA, MetricsLog, gathered_rng_states, init_distributed, local_slice, lr_warmup_constant,
+                       lr_warmup_cosine, optimize, set_rng_state)
 
 
 def default_preset(data_spec: str) -> str | None:
@@ -260,11 +260,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
                                  "label_dropout": cfg.label_dropout if cfg.class_cond else 0.0})
 
     def save_fn(step: int) -> None:
-        rngs = [rng_state()]
-        if dist_info.enabled:
-            gathered = [None] * dist_info.world
-            torch.distributed.all_gather_object(gathered, rngs[0])
-            rngs = gathered
+        rngs = gathered_rng_states(dist_info)
         if not dist_info.is_main:
             return
         torch_save_atomic({"step": step, "net": net.state_dict(), "ema": ema.net.state_dict(),

@@ -134,6 +134,16 @@ def rng_state() -> dict:
     return state
 
 
+def gathered_rng_states(dist_info: "DistInfo") -> list[dict]:
+    """Every rank's RNG state, in rank order (a collective: all ranks must call it), for exact resume."""
+    rngs = [rng_state()]
+    if dist_info.enabled:
+        gathered = [None] * dist_info.world
+        dist.all_gather_object(gathered, rngs[0])
+        rngs = gathered
+    return rngs
+
+
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
