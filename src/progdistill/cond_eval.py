@@ -63,9 +63,12 @@ def _score(scorer: Scorer, x: torch.Tensor, requested: torch.Tensor) -> dict:
 
 
 def evaluate_guided(run_path, *, ws=WS, steps=STEPS, num: int = 500, seed: int = 0, ref_steps: int = 64,
-                    batch_size: int = 500, device=None, log=print) -> list[dict]:
+                    batch_size: int = 500, device=None, log=print, ref_num: int | None = None) -> list[dict]:
     """One record per (method, w, N): {"method", "w", "steps", "nfe", "num", "seed", metrics, "class_acc",
-    "class_acc_se", "samples_per_s"[, "psnr_teacher"]}."""
+    "class_acc_se", "samples_per_s"[, "psnr_teacher"]}.
+
+    `ref_num` (<= num): samples of the reference only (it is the expensive part); psnr_teacher then
+    compares the first ref_num samples of each method with it."""
     run = resolve_run(run_path)
     run_card = read_json(run.root / CARD, "distillation card")
     if not (run_card.get("guided") or {}).get("iters"):
@@ -85,10 +88,10 @@ def evaluate_guided(run_path, *, ws=WS, steps=STEPS, num: int = 500, seed: int =
     records = []
 
     def add(method, w, n_steps, nfe, x, sec, ref=None):
-        rec = {"method": method, "w": w, "steps": n_steps, "nfe": nfe, "num": num, "seed": seed,
-               **_score(scorer, x, requested), "samples_per_s": num / sec if sec > 0 else None}
+        rec = {"method": method, "w": w, "steps": n_steps, "nfe": nfe, "num": len(x), "seed": seed,
+               **_score(scorer, x, requested[:len(x)]), "samples_per_s": len(x) / sec if sec > 0 else None}
         if ref is not None:
-            rec["psnr_teacher"] = min(psnr(x, ref, data_range=2.0), PSNR_CAP)
+            rec["psnr_teacher"] = min(psnr(x[:len(ref)], ref, data_range=2.0), PSNR_CAP)
         records.append(rec)
 
     def timed(model, **kw):
@@ -97,8 +100,8 @@ def evaluate_guided(run_path, *, ws=WS, steps=STEPS, num: int = 500, seed: int =
         return x, time.perf_counter() - t0
 
     for w in ws:
-        ref, ref_sec = teacher_samples(run, teacher, num=num, seed=seed, steps=ref_steps, batch_size=batch_size,
-                                       guidance=w, log=log)
+        ref, ref_sec = teacher_samples(run, teacher, num=min(ref_num or num, num), seed=seed, steps=ref_steps,
+                                       batch_size=batch_size, guidance=w, log=log)
         add("reference", w, ref_steps, ref_steps * (2 if w > 0 else 1), ref, ref_sec)
         for n in steps:
             if n in students:

@@ -44,10 +44,11 @@ QUICK = GuidedBudget(teacher_iters=40, guided_iters=6, iters_per_round=3, last_r
 
 
 def run_guided_demo(out: Path = Path("runs/demo-guided"), quick: bool = False, seed: int = 0,
-                    num_eval: int | None = None) -> list[dict]:
-    """Teacher, stage 1 + 2, grids, table and report into `out`; finished stages are reused."""
+                    num_eval: int | None = None, budget: GuidedBudget | None = None) -> list[dict]:
+    """Teacher, stage 1 + 2, grids, table and report into `out`; finished stages are reused.
+    `budget` replaces FULL / QUICK (benchmarks/guided.py's quick mode distils from 16 steps)."""
     from .cond_eval import evaluate_guided, table, write_guided_report
-    b = QUICK if quick else FULL
+    b = budget or (QUICK if quick else FULL)
     if num_eval is not None:
         b = dataclasses.replace(b, num_eval=num_eval)
     out, t0 = Path(out), time.time()
