@@ -1,7 +1,9 @@
 """Data sources for diffusion training, selected by a string spec.
 
-Specs: ``digits`` | ``toy:NAME`` | ``folder:PATH`` | ``npz:PATH`` | ``cifar10:PATH``.
-Images come back as float32 (n, C, H, W) in [-1, 1]; toy/vector data as float32 (n, d).
+Specs: ``digits`` | ``toy:NAME`` | ``folder:PATH`` | ``npz:PATH`` | ``cifar10:PATH`` | ``prepared:DIR``.
+Images come back as float32 (n, C, H, W) in [-1, 1]; toy/vector data as float32 (n, d). A prepared
+folder (`progdistill prepare`) and a folder too large to hold stay uint8 and are read per batch:
+`Dataset.stream` instead of `Dataset.x`.
 An image source keeps its own shape unless `resolution`/`channels` ask for another; every
 conversion is described in one line, `Dataset.note`, for the caller to print.
 Every problem with the user's data raises :class:`UserError` with a one-line message.
@@ -10,23 +12,23 @@ Every problem with the user's data raises :class:`UserError` with a one-line mes
 from __future__ import annotations
 
 import functools
-import os
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 
 from .cifar10 import read_cifar10
 from .errors import UserError, one_line, require_path
+from .folder import (GRAY_MODES, FolderImages, folder_note, folder_side, has_colour, image_header, list_images,
+                     read_image, to_channels)
+from .stream import LABELS, PreparedImages, decode, read_header
 from .toy import TOY_NAMES, sample_toy, toy_name
 
-SCHEMES = ("digits", "toy:NAME", "folder:PATH", "npz:PATH", "cifar10:PATH")
+SCHEMES = ("digits", "toy:NAME", "folder:PATH", "npz:PATH", "cifar10:PATH", "prepared:DIR")
 SPLITS = ("train", "heldout", "test", "all")  # "test" is an alias of "heldout"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 DIGITS_HELDOUT = 500  # fixed stratified hold-out of sklearn's 1,797 digits (random_state=0)
 TOY_TRAIN_SIZE = 50_000  # fixed training set drawn with `seed`
@@ -37,23 +39,36 @@ LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
 
 @dataclass
 class Dataset:
-    """A whole data set held in memory."""
+    """A data set: held in memory (`x`), or streamed (`stream` reads uint8 examples by index)."""
 
-    x: torch.Tensor  # float32; images (n, C, H, W) in [-1, 1]; vectors (n, d)
+    x: torch.Tensor | None  # float32; images (n, C, H, W) in [-1, 1]; vectors (n, d); None when streamed
     y: torch.Tensor | None  # int64 labels (n,) or None
     num_classes: int  # 0 when unlabelled
     kind: str  # "image" or "vector"
     name: str  # the spec it came from
     class_names: list[str] | None = None
     note: str | None = None  # one line naming any conversion (resize, crop, RGB -> gray), for the caller to print
+    stream: torch.utils.data.Dataset | None = None  # PreparedImages or FolderImages when x is None
 
     @property
     def shape(self) -> tuple[int, ...]:
         """Per-example shape, e.g. (1, 8, 8) or (2,)."""
-        return tuple(self.x.shape[1:])
+        return tuple(self.x.shape[1:]) if self.x is not None else tuple(self.stream.shape)
 
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        return int(self.x.shape[0]) if self.x is not None else len(self.stream)
+
+    def examples(self, idx: torch.Tensor) -> torch.Tensor:
+        """Examples idx as float32 (on x's device; streamed: read and decoded on the CPU)."""
+        if self.x is not None:
+            return self.x[idx.to(self.x.device)]
+        return decode(torch.from_numpy(self.stream.read(idx.numpy())), self.stream.levels)
+
+    def batches(self, size: int = 1000, limit: int | None = None) -> Iterator[torch.Tensor]:
+        """The first `limit` (default: all) examples in order, as float32 chunks of at most `size`."""
+        n = len(self) if limit is None else min(limit, len(self))
+        for i in range(0, n, size):
+            yield self.examples(torch.arange(i, min(n, i + size)))
 
 
 def _check_shape_options(spec: str, resolution: int | None, channels: int | None) -> None:
@@ -153,104 +168,34 @@ def _load_toy(spec: str, name: str, split: str, seed: int) -> Dataset:
 
 
 # -------------------------------------------------------------------------------- folder
-_GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "F")
-
-
-def _open(path: Path) -> Image.Image:
-    try:
-        img = Image.open(path)
-        img.load()
-        return img
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise UserError(f"cannot read image {path}: {one_line(err)}; fix or remove the file") from None
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) as displayed (EXIF rotation applied), read from the header only."""
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-            rotated = img.getexif().get(0x0112) in (5, 6, 7, 8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise UserError(f"cannot read image {path}: {one_line(err)}; fix or remove the file") from None
-    return (h, w) if rotated else (w, h)
-
-
-def _read_image(path: Path, resolution: int) -> np.ndarray:
-    """One image as uint8 RGB (3, r, r): shorter side scaled to r (bicubic), then centre-cropped."""
-    with _open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        img = img.convert("RGB")
-    w, h = img.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
-    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
-
-
-def _folder_note(spec: str, sizes: list[tuple[int, int]], side: int, *, chosen: bool, to_gray: bool,
-                 to_rgb: bool) -> str | None:
-    """One line: how many images were resized/cropped to side x side, and any channel conversion."""
-    parts = []
-    off = [(w, h) for w, h in sizes if (w, h) != (side, side)]
-    if off:
-        why = "as requested" if chosen else "the most common size; --resolution chooses another"
-        what = [f"{k} {verb}" for k, verb in (
-            (sum(min(wh) > side for wh in off), "downscaled (lossy)"),
-            (sum(min(wh) < side for wh in off), "upscaled"),
-            (sum(w != h for w, h in off), "non-square centre-cropped (lossy)")) if k]
-        parts.append(f"{len(off)} of {len(sizes)} images made {side}x{side} ({why}): {', '.join(what)}")
-    if to_gray:
-        parts.append("RGB -> grayscale (lossy)")
-    if to_rgb:
-        parts.append("grayscale repeated to 3 channels")
-    return f"{spec}: " + "; ".join(parts) if parts else None
+LAZY_FOLDER_BYTES = 2 << 30   # a folder whose images would take more as float32 is read lazily, per batch
 
 
 def _load_folder(spec: str, root: Path, split: str, resolution: int | None, channels: int | None) -> Dataset:
     """Images under root (flat, or one sub-folder per class). Defaults: the most common size (shorter
-    side, centre-cropped) and 3 channels if any image has colour, else 1."""
+    side, centre-cropped) and 3 channels if any image has colour, else 1. A folder too large to hold
+    as float32 is decoded per batch (`FolderImages`); its default channels then come from the image
+    modes in the headers (3 if any image has a colour mode)."""
     _check_shape_options(spec, resolution, channels)
-    if split not in ("train", "all"):
-        raise UserError(f"{spec}: a folder has no {split!r} split; "
-                        f"point a second folder: spec at held-out images")
-    require_path(spec, root, is_dir=True)
-    files: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files += [Path(dirpath) / f for f in sorted(filenames)
-                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
-    if not files:
-        raise UserError(f"{spec}: no images found in {root}; add {'/'.join(IMAGE_EXTENSIONS)} files")
-    rel = [f.relative_to(root).parts for f in files]
-    top_level = [len(p) == 1 for p in rel]
-    if any(top_level) and not all(top_level):
-        raise UserError(f"{spec}: {root} mixes images at the top level and in sub-folders; "
-                        f"put all in class sub-folders or none")
-    sizes = [_image_size(f) for f in files]
-    side = resolution if resolution is not None else min(Counter(sizes).most_common(1)[0][0])
-    rgb = np.stack([_read_image(f, side) for f in files])                  # (n, 3, side, side) uint8
-    colour = bool((rgb[:, 0] != rgb[:, 1]).any() or (rgb[:, 1] != rgb[:, 2]).any())
+    files, class_names, labels = list_images(spec, root, split)
+    headers = [image_header(f) for f in files]
+    sizes = [wh for wh, _ in headers]
+    side = folder_side(sizes, resolution)
+    y = None if labels is None else torch.from_numpy(labels)
+    k = len(class_names) if class_names else 0
+    if len(files) * 3 * side * side * 4 > LAZY_FOLDER_BYTES:
+        colour = any(mode not in GRAY_MODES for _, mode in headers)
+        c = channels if channels is not None else (3 if colour else 1)
+        note = folder_note(spec, sizes, side, chosen=resolution is not None, to_gray=c == 1 and colour,
+                           to_rgb=c == 3 and not colour)
+        return Dataset(None, y, k, "image", spec, class_names, note=note, stream=FolderImages(files, side, c))
+    rgb = np.stack([read_image(f, side) for f in files])                  # (n, 3, side, side) uint8
+    colour = has_colour(rgb)
     c = channels if channels is not None else (3 if colour else 1)
-    arr = rgb if c == 3 else (rgb[:, :1] if not colour else _luma_uint8(rgb))
-    note = _folder_note(spec, sizes, side, chosen=resolution is not None, to_gray=c == 1 and colour,
-                        to_rgb=c == 3 and not colour)
-    x = _to_images(spec, np.ascontiguousarray(arr))
-    if all(top_level):
-        return Dataset(x, None, 0, "image", spec, note=note)
-    class_names = sorted({p[0] for p in rel})
-    y = torch.tensor([class_names.index(p[0]) for p in rel], dtype=torch.int64)
-    return Dataset(x, y, len(class_names), "image", spec, class_names, note=note)
-
-
-def _luma_uint8(rgb: np.ndarray) -> np.ndarray:
-    """uint8 RGB (n, 3, H, W) -> (n, 1, H, W) with PIL's fixed-point ITU-R 601-2 luma."""
-    r, g, b = (rgb[:, i:i + 1].astype(np.uint32) for i in range(3))
-    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
+    note = folder_note(spec, sizes, side, chosen=resolution is not None, to_gray=c == 1 and colour,
+                       to_rgb=c == 3 and not colour)
+    return Dataset(_to_images(spec, np.ascontiguousarray(to_channels(rgb, c))), y, k, "image", spec, class_names,
+                   note=note)
 
 
 # ----------------------------------------------------------------------------------- npz
@@ -310,6 +255,25 @@ def _load_cifar10(spec: str, root: Path, split: str, resolution: int | None, cha
     return Dataset(x, torch.from_numpy(labels), len(class_names), "image", spec, class_names, note=note)
 
 
+# ------------------------------------------------------------------------------ prepared
+def _load_prepared(spec: str, root: Path, split: str, resolution: int | None, channels: int | None) -> Dataset:
+    """A folder written by `progdistill prepare`: uint8 on disk, read per batch."""
+    _check_shape_options(spec, resolution, channels)
+    head = read_header(spec, root)
+    if split == "heldout" and head["split"] != "heldout":
+        raise UserError(f"{spec}: holds the {head['split']!r} split, not 'heldout'; "
+                        f"prepare held-out data into another folder (--split heldout)")
+    c, h, w = head["shape"]
+    if (resolution not in (None, h) or h != w) or channels not in (None, c):
+        raise UserError(f"{spec}: holds {c}x{h}x{w} images, not {channels or c}x{resolution or h}x{resolution or w}; "
+                        f"prepare it again with --resolution/--channels")
+    y = None
+    if (root / LABELS).is_file():
+        y = torch.from_numpy(np.load(root / LABELS, allow_pickle=False).astype(np.int64))
+    stream = PreparedImages(root, head["shape"], head["count"], head.get("levels", 255))
+    return Dataset(None, y, int(head.get("num_classes") or 0), "image", spec, head.get("class_names"), stream=stream)
+
+
 # ---------------------------------------------------------------------------------- API
 def load_data(spec: str, *, split: str = "train", resolution: int | None = None,
               channels: int | None = None, seed: int = 0) -> Dataset:
@@ -331,7 +295,7 @@ def load_data(spec: str, *, split: str = "train", resolution: int | None = None,
     if scheme == "toy" and sep:
         _no_image_options(spec, resolution, channels)
         return _load_toy(spec, arg, split, seed)
-    loaders = {"folder": _load_folder, "npz": _load_npz, "cifar10": _load_cifar10}
+    loaders = {"folder": _load_folder, "npz": _load_npz, "cifar10": _load_cifar10, "prepared": _load_prepared}
     if scheme in loaders and sep:
         if not arg:
             raise UserError(f"{spec}: missing path; write {scheme}:PATH")
