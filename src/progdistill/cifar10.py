@@ -6,6 +6,7 @@ import importlib
 import pickle
 import re
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -54,8 +55,9 @@ def _unpickle(spec: str, path: Path) -> dict:
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
-def read_cifar10(spec: str, root: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """uint8 images (n, 3, 32, 32), int64 labels (n,) and the class names of a split ("train", "heldout", "all")."""
+def cifar10_batches(spec: str, root: Path, split: str) -> tuple[list[str], Iterator[tuple[np.ndarray, np.ndarray]]]:
+    """The class names of a split ("train", "heldout", "all") and an iterator over its batch files:
+    uint8 images (n, 3, 32, 32) and int64 labels (n,), one file at a time."""
     require_path(spec, root, is_dir=True)
     train = sorted((p for p in root.iterdir() if re.fullmatch(r"data_batch_\d+", p.name)),
                    key=lambda p: int(p.name.rsplit("_", 1)[1]))
@@ -70,7 +72,10 @@ def read_cifar10(spec: str, root: Path, split: str) -> tuple[np.ndarray, np.ndar
         names = _unpickle(spec, root / "batches.meta").get("label_names")
         if isinstance(names, list) and names:
             class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
-    xs, ys = [], []
+    return class_names, _read_batches(spec, files, len(class_names))
+
+
+def _read_batches(spec: str, files: list[Path], num_classes: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for path in files:
         batch = _unpickle(spec, path)
         data, labels = batch.get("data"), batch.get("labels")
@@ -80,9 +85,14 @@ def read_cifar10(spec: str, root: Path, split: str) -> tuple[np.ndarray, np.ndar
             labels = np.asarray(labels, dtype=np.int64)
         except (TypeError, ValueError):
             labels = np.full(1, -1)  # reported below
-        if labels.shape != (len(data),) or ((labels < 0) | (labels >= len(class_names))).any():
-            raise UserError(f"{spec}: {path} needs {len(data)} labels in 0..{len(class_names) - 1}; "
+        if labels.shape != (len(data),) or ((labels < 0) | (labels >= num_classes)).any():
+            raise UserError(f"{spec}: {path} needs {len(data)} labels in 0..{num_classes - 1}; "
                             f"the batch is corrupt, re-download it")
-        xs.append(data.reshape(-1, 3, 32, 32))
-        ys.append(labels)
+        yield data.reshape(-1, 3, 32, 32), labels
+
+
+def read_cifar10(spec: str, root: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """uint8 images (n, 3, 32, 32), int64 labels (n,) and the class names of a split ("train", "heldout", "all")."""
+    class_names, batches = cifar10_batches(spec, root, split)
+    xs, ys = zip(*batches)
     return np.concatenate(xs), np.concatenate(ys), class_names

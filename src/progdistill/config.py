@@ -17,6 +17,8 @@ LR_DECAYS = ("constant", "cosine")
 def _check_common(cfg) -> None:
     if cfg.precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if not isinstance(cfg.workers, int) or cfg.workers < 0:
+        raise UserError(f"--workers must be a non-negative integer, got {cfg.workers!r}")
     for name in ("batch_size", "grad_accum", "checkpoint_every", "keep_last", "log_every"):
         v = getattr(cfg, name)
         if v is None and name == "batch_size":
@@ -64,6 +66,7 @@ class TrainConfig:
     keep_last: int = 3
     time_limit: float | None = None  # minutes
     log_every: int = 25
+    workers: int = 0                 # DataLoader workers for streamed data (0: read in the training process)
     schedule: dict = field(default_factory=lambda: {"kind": "cosine", "logsnr_min": -20.0, "logsnr_max": 20.0})
     model_overrides: dict = field(default_factory=dict)   # ModelConfig fields to change, e.g. {"hidden": 128}
 
@@ -122,6 +125,8 @@ class DistillConfig:
     w_min: float = 0.0
     w_max: float = 4.0
     guided_iters: int | None = None  # stage-1 iterations (default: --iters-per-round)
+    hflip: bool | None = None        # random horizontal flip; None: the teacher run's (imported teachers: off)
+    workers: int = 0                 # DataLoader workers for streamed data (0: read in the training process)
 
     def validate(self) -> "DistillConfig":
         _check_common(self)
