@@ -12,6 +12,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from .checkpoint import (CARD, ModelCard, build_network_from_card, clean_run_fol
                          num_classes, load_denoiser, load_state, publish_model_folder, read_json, rotate_states,
                          state_name, steps_folder_name, torch_save_atomic, write_json)
 from .config import DistillConfig, from_dict, to_dict
-from .data import Dataset, load_data
+from .data import Dataset, load_data, random_hflip
 from .denoiser import Denoiser
 from .errors import UserError
 from .guidance import WDenoiser, check_guidable
@@ -33,6 +34,7 @@ from .parameterization import output_channels
 from .sampling import ddim_step
 from .schedules import Schedule, alpha_sigma
 from .seeds import generator_for, seed_for
+from .stream import FLIP_KEY, StepLoader, chunk_noise
 from .training import (EMA, MetricsLog, gathered_rng_states, init_distributed, local_slice, lr_linear_decay,
                        optimize, set_rng_state)
 
@@ -144,15 +146,17 @@ def resolve_config(cfg: DistillConfig, teacher_card: ModelCard, teacher_run: str
                             f"e.g. --data folder:PATH")
         small = get_preset("digits")
         fill = dict(start_steps=default_start_steps(teacher_card.schedule), iters_per_round=small.distill_iters_per_round,
-                    lr=small.distill_lr if teacher_params <= IMPORTED_SMALL_PARAMS else 1e-4, batch_size=64)
+                    lr=small.distill_lr if teacher_params <= IMPORTED_SMALL_PARAMS else 1e-4, batch_size=64,
+                    hflip=False)
     else:
         kind = teacher_card.model.kind if teacher_card.model is not None else "unet"
         preset = get_preset((teacher_card.provenance or {}).get("preset") or ("digits" if kind == "unet" else "mlp"))
-        batch = preset.batch_size
+        batch, hflip = preset.batch_size, preset.hflip
         if (Path(teacher_run) / "config.json").is_file():
-            batch = read_json(Path(teacher_run) / "config.json").get("batch_size") or batch
+            run = read_json(Path(teacher_run) / "config.json")
+            batch, hflip = run.get("batch_size") or batch, run.get("hflip", hflip)   # flips as the teacher trained
         fill = dict(start_steps=preset.distill_start_steps, iters_per_round=preset.distill_iters_per_round,
-                    lr=preset.distill_lr, batch_size=batch, data=teacher_card.data["spec"])
+                    lr=preset.distill_lr, batch_size=batch, data=teacher_card.data["spec"], hflip=bool(hflip))
     cfg = dataclasses.replace(cfg, **{k: v for k, v in fill.items() if getattr(cfg, k) is None})
     return cfg.validate()
 
@@ -194,15 +198,36 @@ def warn_if_unfinished(teacher_run: str) -> None:
               f"(finish it with `progdistill train --out {run} --resume`)", file=sys.stderr)
 
 
-def distill_batch(data: Dataset, *, seed: int, round_idx: int, step: int, batch_size: int, num_steps: int,
-                  device: torch.device) -> dict:
-    """The global batch of one step, a function of (seed, round, step): x, y, i ~ U{1..N}, eps."""
+def distill_plan(n: int, *, seed: int, round_idx: int, step: int, batch_size: int, num_steps: int,
+                 hflip: bool = False) -> dict:
+    """The global batch plan of one step, a function of (seed, round, step): example indices, i ~ U{1..N},
+    and (with hflip) flips from their own generator, so the other draws are those of runs without flips."""
     g = generator_for(torch.device("cpu"), seed, 1_000_000 + round_idx, step)
-    idx = torch.randint(len(data), (batch_size,), generator=g)
+    idx = torch.randint(n, (batch_size,), generator=g)
     i = torch.randint(1, num_steps + 1, (batch_size,), generator=g)
-    eps = torch.randn((batch_size, *data.shape), generator=g)
+    flip = None
+    if hflip:
+        flip = torch.rand(batch_size, generator=generator_for("cpu", seed, 1_000_000 + round_idx, step, FLIP_KEY)) < 0.5
+    return {"idx": idx, "i": i, "flip": flip}
+
+
+def distill_batch(data: Dataset, *, seed: int, round_idx: int, step: int, batch_size: int, num_steps: int,
+                  device: torch.device, hflip: bool = False, part: slice = slice(None),
+                  read: Callable | None = None) -> dict:
+    """Examples `part` of the global batch of one step: x (flipped as in teacher training), y, i, eps.
+
+    As `teacher.teacher_batch`: the plan is drawn whole, the noise per chunk of positions, so a process
+    draws and reads only its part; `read(idx)` gives the images (default: `data.examples`).
+    """
+    plan = distill_plan(len(data), seed=seed, round_idx=round_idx, step=step, batch_size=batch_size,
+                        num_steps=num_steps, hflip=hflip)
+    idx = plan["idx"][part]
+    x = (read or data.examples)(idx).to(device)
+    if hflip:
+        x = random_hflip(x, plan["flip"][part])
     y = data.y[idx].to(device) if data.y is not None else None
-    return {"x": data.x[idx].to(device), "y": y, "i": i.to(device), "eps": eps.to(device)}
+    eps = chunk_noise((seed, 1_000_000 + round_idx, step), part, batch_size, data.shape)
+    return {"x": x, "y": y, "i": plan["i"][part].to(device), "eps": eps.to(device)}
 
 
 def distillation_loss(student, teacher, batch: dict, sl: slice, *, num_steps: int, schedule: Schedule,
@@ -233,7 +258,7 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
         if not (out / "config.json").is_file():
             raise UserError(f"--resume: {out} has no config.json; start a new distillation without --resume")
         saved = from_dict(DistillConfig, read_json(out / "config.json", "run config"))
-        cfg = dataclasses.replace(saved, time_limit=cfg.time_limit)
+        cfg = dataclasses.replace(saved, time_limit=cfg.time_limit, workers=cfg.workers)
     elif (out / "config.json").exists():
         raise UserError(f"{out} already holds a distillation run: pass --resume, or choose another --out")
     cfg.validate()
@@ -264,7 +289,9 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
     normalizer = Normalizer.from_dict(card0.normalizer)   # the teacher's, never recomputed
     if normalizer is not None:
         data.x = normalizer.encode(data.x.double()).float()
-    data.x = data.x.to(dist_info.device)
+    if data.x is not None:
+        data.x = data.x.to(dist_info.device)
+    hflip = bool(cfg.hflip) and data.kind == "image"
     rounds = plan_rounds(cfg.start_steps, cfg.final_steps, cfg.iters_per_round, cfg.last_rounds_factor,
                          cfg.round_iters)
 
@@ -284,7 +311,9 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
         write_json(out / "config.json", to_dict(cfg))
         write_json(out / CARD, run_card)
         print(f"distill: {cfg.start_steps} -> {cfg.final_steps} steps in {len(rounds)} rounds, "
-              f"{cfg.iters_per_round} iters/round, batch {cfg.batch_size}, lr {cfg.lr}, student param {student_param}")
+              f"{cfg.iters_per_round} iters/round, batch {cfg.batch_size}, lr {cfg.lr}, student param {student_param}"
+              f"{', random horizontal flips (as the teacher trained)' if hflip else ''}"
+              f"{', data read per batch' if data.stream is not None else ''}")
     metrics = MetricsLog(out / "metrics.jsonl", dist_info.is_main)
     deadline = time.time() + 60 * cfg.time_limit if cfg.time_limit else None
     torch.manual_seed(seed_for(cfg.seed, 20_000 + dist_info.rank))
@@ -319,19 +348,27 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
             start = int(st["step"])
         student = Denoiser(student_net, schedule=card0.schedule, param=student_param)
         model = DistributedDataParallel(student) if dist_info.enabled else student
-        cache: dict = {}
 
-        def loss_fn(step: int, micro: int, r=r, n_student=n_student, model=model, teacher=teacher) -> torch.Tensor:
-            if cache.get("key") != (r, step):
-                cache.update(key=(r, step), batch=distill_batch(data, seed=cfg.seed, round_idx=r, step=step,
-                                                               batch_size=cfg.batch_size, num_steps=n_student,
-                                                               device=dist_info.device))
-                if cfg.guided:   # w per example from its own generator: the batch's other draws do not move
-                    from .guided_distill import stage2_w
-                    cache["batch"]["w"] = stage2_w(seed=cfg.seed, round_idx=r, step=step, batch_size=cfg.batch_size,
-                                                   w_min=cfg.w_min, w_max=cfg.w_max, device=dist_info.device)
-            sl = local_slice(cfg.batch_size, dist_info, cfg.grad_accum, micro)
-            return distillation_loss(model, teacher, cache["batch"], sl, num_steps=n_student,
+        def part(micro: int) -> slice:
+            return local_slice(cfg.batch_size, dist_info, cfg.grad_accum, micro)
+
+        def plan_idx(step: int, r=r, n_student=n_student) -> torch.Tensor:
+            return distill_plan(len(data), seed=cfg.seed, round_idx=r, step=step, batch_size=cfg.batch_size,
+                                num_steps=n_student)["idx"]
+
+        loader = StepLoader(data, plan_idx, part, start=start, iters=iters, grad_accum=cfg.grad_accum,
+                            device=dist_info.device, workers=cfg.workers)
+
+        def loss_fn(step: int, micro: int, r=r, n_student=n_student, model=model, teacher=teacher,
+                    loader=loader) -> torch.Tensor:
+            batch = distill_batch(data, seed=cfg.seed, round_idx=r, step=step, batch_size=cfg.batch_size,
+                                  num_steps=n_student, device=dist_info.device, hflip=hflip, part=part(micro),
+                                  read=lambda idx: loader(step, micro, idx))
+            if cfg.guided:   # w per example from its own generator: the batch's other draws do not move
+                from .guided_distill import stage2_w
+                batch["w"] = stage2_w(seed=cfg.seed, round_idx=r, step=step, batch_size=cfg.batch_size,
+                                      w_min=cfg.w_min, w_max=cfg.w_max, device=dist_info.device)[part(micro)]
+            return distillation_loss(model, teacher, batch, slice(None), num_steps=n_student,
                                      schedule=card0.schedule, weighting=cfg.weighting, class_cond=class_cond)
 
         def save_fn(step: int, r=r, student_net=student_net, optimizer=optimizer, ema=ema, prev_seconds=prev_seconds,
@@ -353,6 +390,7 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
                           checkpoint_every=cfg.checkpoint_every,
                           deadline=deadline, metrics=metrics, log_every=cfg.log_every, desc=desc, progress=progress,
                           extra_log={"round": r, "steps": n_student})
+        loader.close()
         st = None
         if not result.finished:
             if dist_info.is_main:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -21,6 +22,7 @@ from .normalize import Normalizer, fit_normalizer
 from .models import ModelConfig, Preset, build_network, check_side, count_parameters, for_data, get_preset, scaled_width
 from .schedules import Schedule, alpha_sigma
 from .seeds import generator_for, seed_for
+from .stream import StepLoader, chunk_noise
 from .training import (EMA, MetricsLog, gathered_rng_states, init_distributed, local_slice, lr_warmup_constant,
                        lr_warmup_cosine, optimize, set_rng_state)
 
@@ -118,25 +120,39 @@ def resumed_config(saved_d: dict, cfg: TrainConfig) -> TrainConfig:
         asked, kept = getattr(cfg, name), getattr(saved, name)
         if asked is not None and asked != kept:
             raise UserError(f"--resume keeps the run's {name} ({kept}); drop --{name} {asked} or start a new run")
-    return dataclasses.replace(saved, time_limit=cfg.time_limit, iters=cfg.iters or saved.iters)
+    return dataclasses.replace(saved, time_limit=cfg.time_limit, iters=cfg.iters or saved.iters, workers=cfg.workers)
+
+
+def teacher_plan(n: int, *, step: int, seed: int, batch_size: int, label_dropout: float) -> dict:
+    """The global batch plan of one step, a function of (seed, step) only: example indices, t, flips, label drops."""
+    g = generator_for(torch.device("cpu"), seed, step)
+    idx = torch.randint(n, (batch_size,), generator=g)
+    t = torch.rand(batch_size, generator=g, dtype=torch.float64)
+    flip = torch.rand(batch_size, generator=g) < 0.5
+    drop = torch.rand(batch_size, generator=g) < label_dropout
+    return {"idx": idx, "t": t, "flip": flip, "drop": drop}
 
 
 def teacher_batch(data: Dataset, *, step: int, seed: int, batch_size: int, hflip: bool, label_dropout: float,
-                  device: torch.device) -> dict:
-    """The global batch of one step, a function of (seed, step) only: x, y, t, eps (Algorithm 1)."""
-    g = generator_for(torch.device("cpu"), seed, step)
-    idx = torch.randint(len(data), (batch_size,), generator=g)
-    t = torch.rand(batch_size, generator=g, dtype=torch.float64)
-    eps = torch.randn((batch_size, *data.shape), generator=g)
-    flip = torch.rand(batch_size, generator=g) < 0.5
-    drop = torch.rand(batch_size, generator=g) < label_dropout
-    x = data.x[idx]
+                  device: torch.device, part: slice = slice(None), read: Callable | None = None) -> dict:
+    """Examples `part` of the global batch of one step (Algorithm 1): x, y, t, eps.
+
+    A function of (seed, step) and the examples' positions only: the plan is drawn whole (it is
+    small), the noise per chunk of positions (`chunk_noise`), so a process draws and reads only its
+    part and any split across processes or micro-batches gives the same examples. `read(idx)` gives
+    the images (default: `data.examples`).
+    """
+    plan = teacher_plan(len(data), step=step, seed=seed, batch_size=batch_size, label_dropout=label_dropout)
+    idx = plan["idx"][part]
+    x = (read or data.examples)(idx).to(device)
     if hflip:
-        x = random_hflip(x, flip)
+        x = random_hflip(x, plan["flip"][part])
     y = None
     if data.y is not None:
-        y = torch.where(drop, torch.full_like(data.y[idx], data.num_classes), data.y[idx])  # null class
-    return {"x": x.to(device), "y": None if y is None else y.to(device), "t": t.to(device), "eps": eps.to(device)}
+        y = data.y[idx]
+        y = torch.where(plan["drop"][part], torch.full_like(y, data.num_classes), y).to(device)   # null class
+    eps = chunk_noise((seed, step), part, batch_size, data.shape)
+    return {"x": x, "y": y, "t": plan["t"][part].to(device), "eps": eps.to(device)}
 
 
 def diffusion_loss(denoiser, batch: dict, sl: slice, *, schedule: Schedule, weighting: str, class_cond: bool) -> torch.Tensor:
@@ -200,7 +216,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     cfg = resolve_config(cfg)
     preset_name = cfg.preset
-    if preset_name is None and cfg.data.split(":")[0] in ("folder", "cifar10"):
+    if preset_name is None and cfg.data.split(":")[0] in ("folder", "cifar10", "prepared"):
         get_preset(None)  # raises: images need a named preset (only vectors imply `mlp`)
     data = load_train_data(cfg, get_preset(preset_name) if preset_name else None)
     if preset_name is None:
@@ -236,20 +252,30 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         if data.note:
             print(f"data: {data.note}")
         print(f"teacher: preset {preset.name}, {count_parameters(net):,} parameters, data {data.name} "
-              f"({len(data)} x {tuple(data.shape)}), {cfg.iters} iters, batch {cfg.batch_size}, param {cfg.param}")
+              f"({len(data)} x {tuple(data.shape)}{', read per batch' if data.stream is not None else ''}), "
+              f"{cfg.iters} iters, batch {cfg.batch_size}, param {cfg.param}")
 
     model = DistributedDataParallel(Denoiser(net, schedule=schedule, param=cfg.param)) if dist_info.enabled \
         else Denoiser(net, schedule=schedule, param=cfg.param)
-    data.x = data.x.to(dist_info.device)
-    cache: dict = {}
+    if data.x is not None:
+        data.x = data.x.to(dist_info.device)
+    label_dropout = cfg.label_dropout if cfg.class_cond else 0.0
+
+    def part(micro: int) -> slice:
+        return local_slice(cfg.batch_size, dist_info, cfg.grad_accum, micro)
+
+    def plan_idx(step: int) -> torch.Tensor:
+        return teacher_plan(len(data), step=step, seed=cfg.seed, batch_size=cfg.batch_size,
+                            label_dropout=label_dropout)["idx"]
+
+    loader = StepLoader(data, plan_idx, part, start=start, iters=cfg.iters, grad_accum=cfg.grad_accum,
+                        device=dist_info.device, workers=cfg.workers)
 
     def loss_fn(step: int, micro: int) -> torch.Tensor:
-        if cache.get("step") != step:
-            cache.update(step=step, batch=teacher_batch(
-                data, step=step, seed=cfg.seed, batch_size=cfg.batch_size, hflip=cfg.hflip,
-                label_dropout=cfg.label_dropout if cfg.class_cond else 0.0, device=dist_info.device))
-        sl = local_slice(cfg.batch_size, dist_info, cfg.grad_accum, micro)
-        return diffusion_loss(model, cache["batch"], sl, schedule=schedule, weighting=cfg.weighting,
+        batch = teacher_batch(data, step=step, seed=cfg.seed, batch_size=cfg.batch_size, hflip=cfg.hflip,
+                              label_dropout=label_dropout, device=dist_info.device, part=part(micro),
+                              read=lambda idx: loader(step, micro, idx))
+        return diffusion_loss(model, batch, slice(None), schedule=schedule, weighting=cfg.weighting,
                               class_cond=cfg.class_cond)
 
     card = ModelCard(model=model_cfg, param=cfg.param, schedule=schedule, data=data_info(data), kind="teacher",
@@ -277,6 +303,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
                       checkpoint_every=cfg.checkpoint_every, deadline=deadline,
                       metrics=MetricsLog(out / "metrics.jsonl", dist_info.is_main), log_every=cfg.log_every,
                       desc="teacher", progress=progress)
+    loader.close()
     if dist_info.is_main:
         write_json(out / "timing.json", {"iters": result.step, "seconds_this_session": result.seconds,
                                          "finished": result.finished,
