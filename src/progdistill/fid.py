@@ -17,13 +17,13 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
 from progdistill.errors import UserError
-from progdistill.metrics import frechet_distance, gaussian_stats
+from progdistill.metrics import GaussianAccumulator, frechet_distance, gaussian_stats
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 INCEPTION_URL = ("https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/"
@@ -208,13 +208,24 @@ def reference_key(spec: str, *, split: str, resolution: int | None, channels: in
     return f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:20]}", key
 
 
-def reference_stats(name: str, images_fn: Callable[[], torch.Tensor], detector,
+def feature_stats(chunks: Iterable[torch.Tensor], detector, batch_size: int = 200) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mu, sigma, n) of the pool3 features of image chunks (a streamed split), never holding them all."""
+    acc = GaussianAccumulator()
+    for x in chunks:
+        acc.add(inception_features(x, detector, batch_size))
+    if acc.n == 0:
+        raise UserError("FID: no images given")
+    return (*acc.stats(), acc.n)
+
+
+def reference_stats(name: str, images_fn: Callable[[], torch.Tensor | Iterable[torch.Tensor]], detector,
                     cache_dir: str | os.PathLike, batch_size: int = 200, key: str | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of the Inception features of images_fn(), cached as cache_dir/<name>.npz (mu, sigma, n, key).
 
-    images_fn is only called when the cache file is missing, or holds another `key` (see `reference_key`);
-    the file is written atomically.
+    images_fn is only called when the cache file is missing, or holds another `key` (see `reference_key`),
+    and gives the images, or an iterable of image chunks (read from disk one at a time); the file is
+    written atomically.
     """
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise UserError(f"reference stats name {name!r} must be letters, digits, '.', '_' or '-'")
@@ -227,8 +238,12 @@ def reference_stats(name: str, images_fn: Callable[[], torch.Tensor], detector,
         except Exception as e:
             raise UserError(f"cannot read reference stats {path} ({type(e).__name__}); "
                             "delete it to recompute") from None
-    feats = inception_features(images_fn(), detector, batch_size)
-    mu, sigma = gaussian_stats(feats)
+    images = images_fn()
+    if isinstance(images, torch.Tensor):
+        feats = inception_features(images, detector, batch_size)
+        (mu, sigma), n = gaussian_stats(feats), feats.shape[0]
+    else:
+        mu, sigma, n = feature_stats(images, detector, batch_size)
     extra = {} if key is None else {"key": np.array(key)}
-    _atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, n=np.int64(feats.shape[0]), **extra))
+    _atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, n=np.int64(n), **extra))
     return mu, sigma

@@ -45,6 +45,28 @@ def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.atleast_2d(np.cov(f, rowvar=False))
 
 
+class GaussianAccumulator:
+    """mu and sigma of `gaussian_stats` for rows that arrive in chunks (a streamed reference split):
+    float64 sums of the rows minus the first chunk's mean, so no chunk is kept."""
+
+    def __init__(self) -> None:
+        self.n, self.shift, self.s, self.ss = 0, None, None, None
+
+    def add(self, rows) -> None:
+        f = _np2d(rows, "features")
+        if self.shift is None:
+            self.shift = f.mean(axis=0)
+            self.s, self.ss = np.zeros(f.shape[1]), np.zeros((f.shape[1], f.shape[1]))
+        d = f - self.shift
+        self.n, self.s, self.ss = self.n + len(f), self.s + d.sum(axis=0), self.ss + d.T @ d
+
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise UserError("need at least 2 feature vectors to estimate a covariance")
+        m = self.s / self.n
+        return self.shift + m, np.atleast_2d((self.ss - self.n * np.outer(m, m)) / (self.n - 1))
+
+
 def _sqrt_product_diag(s1: np.ndarray, s2: np.ndarray, method: str) -> np.ndarray:
     """Terms whose sum is Tr sqrtm(S1 S2): diag of sqrtm, or sqrt of the eigenvalues of S1 S2."""
     if method == "sqrtm":

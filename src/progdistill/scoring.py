@@ -27,6 +27,12 @@ def digits_classifier(cache: Path):
 
 
 _ACCURACY_SHOWN: set = set()
+REF_CHUNK = 1000   # examples per chunk of a streamed reference split
+
+
+def _images(ds):
+    """A split's images: the tensor when held in memory, else chunks read one at a time."""
+    return ds.x if ds.x is not None else ds.batches(REF_CHUNK)
 
 
 class Scorer:
@@ -49,12 +55,19 @@ class Scorer:
                 ds = load_data(spec, split="train", resolution=res, channels=ch)
             if ds.note:
                 log(f"data: {ds.note}")
-            ref = ds.x
-        if tuple(ref.shape[1:]) != tuple(shape):
-            raise UserError(f"--data {spec} has shape {tuple(ref.shape[1:])} but the model makes {tuple(shape)}")
+            ref = ds.x     # None when streamed (prepared:, large folders): statistics are accumulated by chunks
+        ref_shape = tuple(ref.shape[1:]) if ref is not None else ds.shape
+        if ref_shape != tuple(shape):
+            raise UserError(f"--data {spec} has shape {ref_shape} but the model makes {tuple(shape)}")
         self.ref = ref
         if "fd_pixel" in self.metrics:
-            self.ref_pixel = M.gaussian_stats(ref.reshape(len(ref), -1))
+            if ref is not None:
+                self.ref_pixel = M.gaussian_stats(ref.reshape(len(ref), -1))
+            else:
+                acc = M.GaussianAccumulator()
+                for chunk in ds.batches(REF_CHUNK):
+                    acc.add(chunk.reshape(len(chunk), -1))
+                self.ref_pixel = acc.stats()
         if family == "digits" and {"fd_feature", "precision", "recall", "class_coverage", "class_entropy"} & set(metrics):
             self.clf = digits_classifier(cache)
             self.ref_feat = self.clf.features(ref)
@@ -69,10 +82,10 @@ class Scorer:
             self.detector = fid.load_inception(inception, allow_download=allow_download)
             fid_split = split if family == "digits" else "train"
             name, key = fid.reference_key(spec, split=fid_split, resolution=res, channels=ch, detector=self.detector,
-                                          count=len(ref) if fid_split == split else None)
+                                          count=len(ds) if fid_split == split else None)
             self.fid_ref = fid.reference_stats(
-                name, lambda: ref if fid_split == split else load_data(spec, split=fid_split, resolution=res,
-                                                                       channels=ch).x, self.detector, cache, key=key)
+                name, lambda: _images(ds if fid_split == split else load_data(spec, split=fid_split, resolution=res,
+                                                                              channels=ch)), self.detector, cache, key=key)
 
     def __call__(self, x: torch.Tensor) -> dict:
         m, out = self.metrics, {}
