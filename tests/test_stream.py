@@ -16,12 +16,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from progdistill import cli, data as D, metrics as M
+from progdistill import cli, data as D, fid, metrics as M
 from progdistill.config import DistillConfig, TrainConfig
 from progdistill.data import load_data
 from progdistill.distill import distill, distill_batch, distill_plan
 from progdistill.errors import UserError
 from progdistill.prepare import prepare
+from progdistill.scoring import Scorer
 from progdistill.stream import HEADER, IMAGES, NOISE_CHUNK, PreparedImages, StepLoader, chunk_noise
 from progdistill.teacher import teacher_batch, train
 from test_data import _cifar_dir
@@ -218,6 +219,14 @@ def test_streamed_reference_statistics_equal_in_memory(digits_dir):
     mu, sigma = M.gaussian_stats(mem.x.reshape(len(mem), -1))
     np.testing.assert_allclose(acc.stats()[0], mu, rtol=0, atol=1e-12)
     np.testing.assert_allclose(acc.stats()[1], sigma, rtol=0, atol=1e-12)
+    scorer = Scorer(f"prepared:{digits_dir}", "image", ["fd_pixel"], (1, 8, 8), split="train", num=0, seed=0,
+                    cache=digits_dir.parent)
+    assert scorer.ref is None and np.allclose(scorer.ref_pixel[1], sigma, rtol=0, atol=1e-12)
+    detector = lambda b, return_features: b[:, :, 2:6, 2:6].float().reshape(len(b), -1)   # 48 "features"
+    whole = fid.reference_stats("whole", lambda: mem.x, detector, digits_dir.parent / "stats")
+    chunked = fid.reference_stats("chunked", lambda: st.batches(300), detector, digits_dir.parent / "stats")
+    for a, b in zip(whole, chunked):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-9)
 
 
 # ------------------------------------------------------------------------------ runs
