@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -23,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import __version__
 from .checkpoint import (CARD, ModelCard, latest_state, load_state, rotate_states, save_model_folder, state_name,
                          torch_save_atomic, write_json)
-from .data import Dataset
+from .data import Dataset, random_hflip
 from .denoiser import Denoiser
 from .guidance import GuidedDenoiser
 from .guided_net import init_guided_student
@@ -31,6 +32,7 @@ from .losses import check_weighting, weighted_x_loss
 from .models import network_spec, spec_with_param
 from .schedules import Schedule, alpha_sigma
 from .seeds import generator_for
+from .stream import FLIP_KEY, StepLoader, chunk_noise
 from .training import gathered_rng_states, local_slice, lr_linear_decay, optimize, set_rng_state
 
 STAGE1_KEY, STAGE1_W_KEY, STAGE2_W_KEY = 3_000_000, 3_000_001, 2_000_000   # keys of their own generators
@@ -42,17 +44,35 @@ def draw_w(g: torch.Generator, batch_size: int, *, w_min: float, w_max: float) -
     return w_min + (w_max - w_min) * torch.rand(batch_size, generator=g, dtype=torch.float64)
 
 
-def guidance_batch(data: Dataset, *, seed: int, step: int, batch_size: int, w_min: float, w_max: float,
-                   device: torch.device) -> dict:
-    """The stage-1 global batch of one step, a function of (seed, step): x, y (real labels), t ~ U[0, 1], eps;
-    w ~ U[w_min, w_max] from a generator of its own."""
+def guidance_plan(n: int, *, seed: int, step: int, batch_size: int, w_min: float, w_max: float,
+                  hflip: bool = False) -> dict:
+    """The stage-1 global batch plan of one step, a function of (seed, step): example indices, t ~ U[0, 1];
+    w ~ U[w_min, w_max] and (with hflip) flips from generators of their own."""
     g = generator_for(torch.device("cpu"), seed, STAGE1_KEY, step)
-    idx = torch.randint(len(data), (batch_size,), generator=g)
+    idx = torch.randint(n, (batch_size,), generator=g)
     t = torch.rand(batch_size, generator=g, dtype=torch.float64)
-    eps = torch.randn((batch_size, *data.shape), generator=g)
     w = draw_w(generator_for(torch.device("cpu"), seed, STAGE1_W_KEY, step), batch_size, w_min=w_min, w_max=w_max)
-    return {"x": data.x[idx].to(device), "y": data.y[idx].to(device), "t": t.to(device), "eps": eps.to(device),
-            "w": w.to(device)}
+    flip = None
+    if hflip:
+        flip = torch.rand(batch_size, generator=generator_for("cpu", seed, STAGE1_KEY, step, FLIP_KEY)) < 0.5
+    return {"idx": idx, "t": t, "w": w, "flip": flip}
+
+
+def guidance_batch(data: Dataset, *, seed: int, step: int, batch_size: int, w_min: float, w_max: float,
+                   device: torch.device, hflip: bool = False, part: slice = slice(None),
+                   read: Callable | None = None) -> dict:
+    """Examples `part` of the stage-1 global batch of one step: x (flipped as in teacher training), y (real
+    labels), t, eps, w. As `teacher.teacher_batch`: noise per chunk of positions, so a process draws and
+    reads only its part; `read(idx)` gives the images (default: `data.examples`)."""
+    plan = guidance_plan(len(data), seed=seed, step=step, batch_size=batch_size, w_min=w_min, w_max=w_max,
+                         hflip=hflip)
+    idx = plan["idx"][part]
+    x = (read or data.examples)(idx).to(device)
+    if hflip:
+        x = random_hflip(x, plan["flip"][part])
+    eps = chunk_noise((seed, STAGE1_KEY, step), part, batch_size, data.shape)
+    return {"x": x, "y": data.y[idx].to(device), "t": plan["t"][part].to(device), "eps": eps.to(device),
+            "w": plan["w"][part].to(device)}
 
 
 def stage2_w(*, seed: int, round_idx: int, step: int, batch_size: int, w_min: float, w_max: float,
@@ -119,14 +139,23 @@ def distill_guidance(cfg, out: Path, *, teacher: Denoiser, card0: ModelCard, dat
         start, prev_seconds = int(st["step"]), float(st.get("seconds", 0.0))
     student = Denoiser(student_net, schedule=card0.schedule, param=student_param)
     model = DistributedDataParallel(student) if dist_info.enabled else student
-    cache: dict = {}
+    hflip = bool(cfg.hflip) and data.kind == "image"
+
+    def part(micro: int) -> slice:
+        return local_slice(cfg.batch_size, dist_info, cfg.grad_accum, micro)
+
+    def plan_idx(step: int) -> torch.Tensor:
+        return guidance_plan(len(data), seed=cfg.seed, step=step, batch_size=cfg.batch_size, w_min=cfg.w_min,
+                             w_max=cfg.w_max)["idx"]
+
+    loader = StepLoader(data, plan_idx, part, start=start, iters=iters, grad_accum=cfg.grad_accum,
+                        device=dist_info.device, workers=cfg.workers)
 
     def loss_fn(step: int, micro: int) -> torch.Tensor:
-        if cache.get("step") != step:
-            cache.update(step=step, batch=guidance_batch(data, seed=cfg.seed, step=step, batch_size=cfg.batch_size,
-                                                         w_min=cfg.w_min, w_max=cfg.w_max, device=dist_info.device))
-        sl = local_slice(cfg.batch_size, dist_info, cfg.grad_accum, micro)
-        return guidance_loss(model, teacher, cache["batch"], sl, schedule=card0.schedule, weighting=weighting,
+        batch = guidance_batch(data, seed=cfg.seed, step=step, batch_size=cfg.batch_size, w_min=cfg.w_min,
+                               w_max=cfg.w_max, device=dist_info.device, hflip=hflip, part=part(micro),
+                               read=lambda idx: loader(step, micro, idx))
+        return guidance_loss(model, teacher, batch, slice(None), schedule=card0.schedule, weighting=weighting,
                              null_label=null_label)
 
     def save_fn(step: int) -> None:
@@ -143,6 +172,7 @@ def distill_guidance(cfg, out: Path, *, teacher: Denoiser, card0: ModelCard, dat
                       checkpoint_every=cfg.checkpoint_every, deadline=deadline, metrics=metrics,
                       log_every=cfg.log_every, desc=f"guidance distillation w~U[{cfg.w_min:g},{cfg.w_max:g}]",
                       progress=progress, extra_log={"stage": "guidance"})
+    loader.close()
     if not result.finished:
         if dist_info.is_main:
             print(f"time limit reached in guidance distillation at step {result.step}/{iters}; continue with --resume")
