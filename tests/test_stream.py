@@ -21,6 +21,7 @@ from progdistill.config import DistillConfig, TrainConfig
 from progdistill.data import load_data
 from progdistill.distill import distill, distill_batch, distill_plan
 from progdistill.errors import UserError
+from progdistill.guided_distill import guidance_batch
 from progdistill.prepare import prepare
 from progdistill.scoring import Scorer
 from progdistill.stream import HEADER, IMAGES, NOISE_CHUNK, PreparedImages, StepLoader, chunk_noise
@@ -199,6 +200,15 @@ def test_streamed_batches_equal_in_memory_and_split(digits_dir, workers):
             for key in whole:
                 assert torch.equal(got[key], whole[key][part(micro)]), key
     loader.close()
+
+
+def test_guidance_batches_streamed_and_split_equal_in_memory(digits_dir):
+    mem, st = load_data("digits"), load_data(f"prepared:{digits_dir}")
+    kw = dict(seed=2, step=4, batch_size=32, w_min=0.0, w_max=4.0, device=torch.device("cpu"), hflip=True)
+    whole = guidance_batch(mem, **kw)
+    parts = [guidance_batch(st, part=slice(8 * k, 8 * k + 8), **kw) for k in range(4)]
+    for key in whole:
+        assert torch.equal(torch.cat([p[key] for p in parts]), whole[key]), key
 
 
 def test_distillation_flip_has_its_own_generator():
