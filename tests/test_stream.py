@@ -267,7 +267,7 @@ def test_two_processes_streaming_match_one_in_memory(tmp_path, digits_dir):
             "--class-cond", "--sample-steps", "2", "--log-every", "1", "--dropout", "0"]
     assert cli.main(args + ["--data", "digits", "--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29531", "-m", "progdistill.cli", *args,
+    r = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29541", "-m", "progdistill.cli", *args,
                         "--data", f"prepared:{digits_dir}", "--grad-accum", "2", "--out", str(tmp_path / "two")],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -279,7 +279,7 @@ def test_two_processes_streaming_match_one_in_memory(tmp_path, digits_dir):
     dargs = ["distill", "--teacher", str(tmp_path / "one"), "--start-steps", "4", "--final-steps", "2",
              "--iters-per-round", "2", "--batch-size", "32", "--no-progress", "--log-every", "1"]
     assert cli.main(dargs + ["--out", str(tmp_path / "d1")]) == 0
-    r = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29532", "-m", "progdistill.cli", *dargs,
+    r = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29542", "-m", "progdistill.cli", *dargs,
                         "--data", f"prepared:{digits_dir}", "--out", str(tmp_path / "d2")],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
