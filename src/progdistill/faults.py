@@ -54,8 +54,13 @@ def parse(text: str) -> list[Fault]:
     return out
 
 
+_counts: dict[str, int] = {}   # times each publication point was reached under the current faults
+
+
 @functools.lru_cache(maxsize=1)
 def active() -> tuple[Fault, ...]:
+    """The faults of $PROGDISTILL_FAULT, parsed once (cache_clear() re-reads it and restarts the counts)."""
+    _counts.clear()
     return tuple(parse(os.environ.get(ENV, "")))
 
 
@@ -84,9 +89,6 @@ def inject_loss(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
     if nan_at("nan_grad", step, rank):
         loss = _NanGrad.apply(loss)
     return loss
-
-
-_counts: dict[str, int] = {}
 
 
 def reached(point: str) -> None:
