@@ -189,6 +189,19 @@ def test_kill_9_at_random_moments_of_a_run_then_resume_exactly(tmp_path):
     assert [p.name for p in run.glob(".v-*")] and not list(run.glob(".tmp-*"))
 
 
+def test_teacher_killed_between_its_state_and_its_model_folder_publishes_on_resume(tmp_path):
+    # the last save: state-00000008.pt written, the model folder still at step 4 (a kill in between)
+    full = train(_toy(iters=8, checkpoint_every=4), tmp_path / "full", progress=False)
+    run = tmp_path / "killed"
+    assert _in_child(lambda: train(_toy(iters=8, checkpoint_every=4), run, progress=False), "die@file-written#2") == 137
+    assert read_json(run / CARD)["iteration"] == 4 and (run / "state" / "state-00000008.pt").is_file()
+    train(_toy(iters=8, checkpoint_every=4), run, resume=True, progress=False)
+    assert read_json(run / CARD)["iteration"] == 8
+    for which in ("model", "ema"):
+        a, b = load_file(str(full / which / WEIGHTS)), load_file(str(run / which / WEIGHTS))
+        assert all(torch.equal(a[k], b[k]) for k in a), which
+
+
 def test_distillation_killed_around_a_promote_resumes_to_the_same_students(tmp_path):
     teacher = train(_toy(iters=6, checkpoint_every=6), tmp_path / "t", progress=False)
     cfg = DistillConfig(teacher=str(teacher), start_steps=4, final_steps=1, iters_per_round=2, batch_size=32,

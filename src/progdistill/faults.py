@@ -7,7 +7,7 @@ A comma list of faults; nothing is injected when the variable is unset or empty:
   die@POINT[#N]          os._exit(137) (a kill -9) the N-th time (default 1st) publication reaches POINT
   pause@POINT[#N]        print `fault: paused at POINT` to stderr and sleep an hour there (kill it yourself)
 POINTs are named where publish.py calls `reached(...)` (version-written, public-linked, moved-aside,
-current-swapped, old-removed, dir-written, dir-published); `PROGDISTILL_FAULT=die@?` prints each as it is reached.
+current-swapped, old-removed, dir-written, dir-published, file-written: a training state saved); `PROGDISTILL_FAULT=die@?` prints each as it is reached.
 """
 
 from __future__ import annotations

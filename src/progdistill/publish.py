@@ -92,6 +92,7 @@ def torch_save_atomic(obj: Any, path: Path) -> None:
     fsync_path(Path(tmp))
     os.replace(tmp, path)
     fsync_path(path.parent)
+    reached("file-written")
 
 
 def _remove(path: Path) -> None:

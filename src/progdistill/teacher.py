@@ -295,6 +295,10 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         card.iteration = step
         save_model_folder(out, card, {"model": net, "ema": ema.net})
 
+    if start > 0 and dist_info.is_main and _published_iteration(out) != start:
+        # killed between the state file and the model folder of one save: publish what the state holds
+        card.iteration = start
+        save_model_folder(out, card, {"model": net, "ema": ema.net})
     deadline = time.time() + 60 * cfg.time_limit if cfg.time_limit else None
     result = optimize(model=model, params=list(net.parameters()), optimizer=optimizer, loss_fn=loss_fn,
                       lr_fn=teacher_lr(cfg), start_step=start, iters=cfg.iters,
@@ -311,6 +315,12 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         if not result.finished:
             print(f"time limit reached at step {result.step}/{cfg.iters}; continue with --resume")
     return out
+
+
+def _published_iteration(out: Path) -> int | None:
+    """The iteration of the model folder `out` publishes now (None before the first save)."""
+    p = out / CARD
+    return int(read_json(p, "model card").get("iteration", -1)) if p.is_file() else None
 
 
 def _accumulate_time(out: Path, seconds: float, start: int) -> dict:
