@@ -348,3 +348,14 @@ def test_random_hflip():
     with pytest.raises(ValueError):
         random_hflip(x, torch.tensor([True]))
     assert math.isclose(random_hflip(x, torch.ones(2, dtype=torch.bool)).sum().item(), x.sum().item())
+
+
+def test_gmm_mode_share_matches_the_rayleigh_closed_form_and_fails_off_the_modes():
+    from progdistill.toy import GMM_RADIUS, gmm_mode_share
+    g = torch.Generator().manual_seed(0)
+    x = sample_toy("gmm", 40_000, g)
+    assert abs(gmm_mode_share(x) - (1 - math.exp(-4.5))) < 0.003          # 2-D: P(r < 3 sigma) = 1 - e^{-9/2}
+    assert abs(gmm_mode_share(x, k=1.0) - (1 - math.exp(-0.5))) < 0.01
+    ang = torch.rand(40_000, generator=g) * 2 * math.pi                    # the blurred ring: mostly between modes
+    ring = GMM_RADIUS * torch.stack([ang.cos(), ang.sin()], 1)
+    assert gmm_mode_share(ring) < 0.5

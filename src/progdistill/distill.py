@@ -133,6 +133,11 @@ def plan_rounds(start_steps: int, final_steps: int, iters_per_round: int, last_r
 IMPORTED_SMALL_PARAMS = 10_000_000
 
 
+def _iters_text(rounds: list[dict]) -> str:
+    its = [r["iters"] for r in rounds]
+    return f"{its[0]} iters/round" if len(set(its)) == 1 else f"iters per round {','.join(map(str, its))}"
+
+
 def default_start_steps(schedule: Schedule) -> int:
     """N0 for a discrete T-step teacher: the largest power of two <= T (every student grid point i/N exists)."""
     return 1 << (int(schedule.num_train_timesteps).bit_length() - 1)
@@ -311,7 +316,7 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
         write_json(out / "config.json", to_dict(cfg))
         write_json(out / CARD, run_card)
         print(f"distill: {cfg.start_steps} -> {cfg.final_steps} steps in {len(rounds)} rounds, "
-              f"{cfg.iters_per_round} iters/round, batch {cfg.batch_size}, lr {cfg.lr}, student param {student_param}"
+              f"{_iters_text(rounds)}, batch {cfg.batch_size}, lr {cfg.lr}, student param {student_param}"
               f"{', random horizontal flips (as the teacher trained)' if hflip else ''}"
               f"{', data read per batch' if data.stream is not None else ''}")
     metrics = MetricsLog(out / "metrics.jsonl", dist_info.is_main)

@@ -48,7 +48,8 @@ BEST = {"fd_pixel": min, "fd_feature": min, "fid": min, "sw": min, "energy": min
         "psnr_teacher": max}
 LEGEND = ("PD: the distilled student for N steps (N-step DDIM). DDIM, DPM++(2M) and ancestral: the teacher's own "
           "samplers at N steps (equal NFE). ancestral*: log-variance fraction tuned per N against the training split. "
-          "Bold: best of the row.")
+          "DPM++(2M) is DDIM at N <= 2 (its first and last steps are first order): the same samples, not a second "
+          "baseline there. Bold: best of the row.")
 
 
 def metric_tables(records: list[dict], n0: int) -> list[tuple[str, list[str], list[list[str]], list[int]]]:

@@ -45,6 +45,12 @@ def _gmm_means(device: torch.device | str = "cpu", dtype: torch.dtype = torch.fl
     return (GMM_RADIUS * torch.stack([ang.cos(), ang.sin()], 1)).to(device=device, dtype=dtype)
 
 
+def gmm_mode_share(x: torch.Tensor, k: float = 3.0) -> float:
+    """Share of points (in toy:gmm's units) within k standard deviations of a mode (data: 1 - e^{-k^2/2})."""
+    d = torch.cdist(x.double(), _gmm_means(dtype=torch.float64)).min(1).values
+    return float((d < k * GMM_STD).double().mean())
+
+
 def sample_toy(name: str, n: int, generator: torch.Generator) -> torch.Tensor:
     """Fresh float32 (n, 2) draws of toy distribution ``name`` on the generator's device."""
     name = toy_name(name)
