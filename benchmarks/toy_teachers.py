@@ -49,10 +49,9 @@ def floor(name: str, n: int, seed: int) -> dict:
 
 
 def recipe(a: argparse.Namespace, name: str) -> TrainConfig:
-    overrides = {} if a.depth is None else {"depth": a.depth}
     return TrainConfig(data=f"toy:{name}", preset="mlp", iters=a.iters, batch_size=a.batch_size, lr=a.lr,
                        lr_decay=a.lr_decay, ema_decay=a.ema_decay, ema_warmup=not a.no_ema_warmup, width=a.width,
-                       weighting=a.weighting, model_overrides=overrides, log_every=100, checkpoint_every=10_000)
+                       depth=a.depth, weighting=a.weighting, log_every=100, checkpoint_every=10_000)
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,7 @@ from progdistill.config import DistillConfig, TrainConfig
 from progdistill.data import load_data
 from progdistill.distill import distill
 from progdistill.errors import UserError
+from progdistill.pipeline import load
 from progdistill.models import (PRESETS, ModelConfig, build_network, count_parameters, for_data, nearest_valid_sides,
                                 network_spec)
 from progdistill.teacher import measure_train_speed, resumed_config
@@ -49,7 +50,25 @@ def test_folder_of_32px_rgb_trains_a_32px_rgb_model_by_default(tmp_path, capsys)
     assert card["network"]["config"]["sample_size"] == 32 and card["network"]["config"]["in_channels"] == 3
     cfg = read_json(out / "config.json")
     assert (cfg["resolution"], cfg["channels"], cfg["width"]) == (32, 3, 8)   # frozen for --resume
+    assert cfg["depth"] == 1 and card["model"]["layers_per_block"] == 1      # the digits preset's depth
     assert "data:" not in printed                                            # nothing was converted
+
+
+def test_depth_sets_blocks_per_level_and_mlp_layers_and_is_kept_on_resume(tmp_path, capsys):
+    out = tmp_path / "deep"
+    code, _, err = _train(["--data", "digits", "--preset", "digits", "--depth", "2", "--out", str(out), *TINY], capsys)
+    assert code == 0, err
+    card = read_json(out / CARD)
+    assert card["model"]["layers_per_block"] == 2 and card["network"]["config"]["layers_per_block"] == 2
+    assert load(out).sample(num=2, steps=1).isfinite().all()
+    code, _, err = _train(["--out", str(out), "--resume", "--depth", "3", "--iters", "3"], capsys)
+    assert code == 2 and "keeps the run's depth (2)" in err
+    mlp = tmp_path / "mlp"
+    code, _, err = _train(["--data", "toy:gmm", "--depth", "2", "--out", str(mlp), *TINY], capsys)
+    assert code == 0, err
+    assert read_json(mlp / CARD)["model"]["depth"] == 2
+    code, _, err = _train(["--data", "toy:gmm", "--depth", "0", "--out", str(tmp_path / "bad")], capsys)
+    assert code == 2 and "--depth must be a positive integer" in err
 
 
 def test_gray_images_give_one_channel_and_colour_three(tmp_path):

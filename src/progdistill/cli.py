@@ -98,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
                    "(folder: 3 if any image has colour)")
     t.add_argument("--width", type=int, help="base width: the UNet's first-level channels, the others scaled in "
                    "proportion (MLP: hidden size); default: the preset's")
+    t.add_argument("--depth", type=int, help="residual blocks per UNet level (MLP: hidden layers); default: the preset's")
     t.add_argument("--iters", type=int)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
@@ -204,7 +205,7 @@ def cmd_train(a) -> None:
     from .config import TrainConfig
     from .teacher import train
     cfg = TrainConfig(data=a.data, preset=a.preset, resolution=a.resolution, channels=a.channels, width=a.width,
-                      iters=a.iters, batch_size=a.batch_size, lr=a.lr, param=a.param,
+                      depth=a.depth, iters=a.iters, batch_size=a.batch_size, lr=a.lr, param=a.param,
                       weighting=a.weighting, dropout=a.dropout, ema_decay=a.ema_decay, warmup=a.warmup,
                       class_cond=a.class_cond, label_dropout=a.label_dropout, normalize=a.normalize, seed=a.seed,
                       lr_decay=a.lr_decay, lr_final_frac=a.lr_final_frac, ema_warmup=a.ema_warmup,

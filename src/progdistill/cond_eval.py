@@ -92,6 +92,8 @@ def evaluate_guided(run_path, *, ws=WS, steps=STEPS, num: int = 500, seed: int =
                **_score(scorer, x, requested[:len(x)]), "samples_per_s": len(x) / sec if sec > 0 else None}
         if ref is not None:
             rec["psnr_teacher"] = min(psnr(x[:len(ref)], ref, data_range=2.0), PSNR_CAP)
+            if len(ref) < len(x):   # FD depends on n: the first len(ref) samples, for ratios to a smaller reference
+                rec["fd_feature_at_ref_num"] = scorer(x[:len(ref)])["fd_feature"]
         records.append(rec)
 
     def timed(model, **kw):

@@ -42,6 +42,7 @@ class TrainConfig:
     resolution: int | None = None    # image side; None: the data's own. Frozen into config.json by the first run
     channels: int | None = None      # image channels (1 or 3); None: the data's own. Frozen likewise
     width: int | None = None         # base width (UNet first-level channels, MLP hidden); None: the preset's
+    depth: int | None = None         # UNet residual blocks per level, MLP hidden layers; None: the preset's
     iters: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -75,7 +76,7 @@ class TrainConfig:
         check_weighting(self.weighting)
         if self.param is not None:
             check_param(self.param)
-        for name in ("resolution", "width"):
+        for name in ("resolution", "width", "depth"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise UserError(f"--{name} must be a positive integer, got {v!r}")

@@ -75,14 +75,18 @@ def model_config_for(preset: Preset, data: Dataset, cfg: TrainConfig) -> ModelCo
     num_classes = data.num_classes if cfg.class_cond else 0
     if cfg.class_cond and not num_classes:
         raise UserError(f"--class-cond needs labelled data, but {data.name} has no labels")
+    if cfg.depth is not None:
+        m = dataclasses.replace(m, **{"depth" if m.kind == "mlp" else "layers_per_block": cfg.depth})
     return dataclasses.replace(m, dropout=cfg.dropout, num_classes=num_classes)
 
 
 def frozen_shape(cfg: TrainConfig, data: Dataset, model: ModelConfig) -> TrainConfig:
     """The run's config with the shape it trains at written in, so `--resume` never re-derives it."""
+    depth = model.depth if model.kind == "mlp" else model.layers_per_block
     if data.kind == "vector":
-        return dataclasses.replace(cfg, width=model.width)
-    return dataclasses.replace(cfg, resolution=model.resolution, channels=model.channels, width=model.width)
+        return dataclasses.replace(cfg, width=model.width, depth=depth)
+    return dataclasses.replace(cfg, resolution=model.resolution, channels=model.channels, width=model.width,
+                               depth=depth)
 
 
 def data_info(data: Dataset) -> dict:
@@ -116,7 +120,7 @@ def resumed_config(saved_d: dict, cfg: TrainConfig) -> TrainConfig:
         m = preset_model(get_preset(saved_d["preset"]), saved_d.get("model_overrides", {}))   # at the preset's shape
         saved_d.update(width=m.width, **({"resolution": m.resolution, "channels": m.channels} if m.kind == "unet" else {}))
     saved = from_dict(TrainConfig, saved_d)
-    for name in ("resolution", "channels", "width"):
+    for name in ("resolution", "channels", "width", "depth"):
         asked, kept = getattr(cfg, name), getattr(saved, name)
         if asked is not None and asked != kept:
             raise UserError(f"--resume keeps the run's {name} ({kept}); drop --{name} {asked} or start a new run")
