@@ -16,6 +16,8 @@ declare -A RECIPES=(
   [cos_lr3e3]="--lr-decay cosine --lr-final-frac 0.02 --lr 3e-3"
   [cos_lr2e3_w48]="--lr-decay cosine --lr-final-frac 0.02 --lr 2e-3 --width 48 --iters 2000"
   [cos_b128]="--lr-decay cosine --lr-final-frac 0.02 --batch-size 128 --iters 1800"
+  [cos_lr2e3_b128]="--lr-decay cosine --lr-final-frac 0.02 --lr 2e-3 --batch-size 128 --iters 1800"
+  [cos_lr2e3_d2]="--lr-decay cosine --lr-final-frac 0.02 --lr 2e-3 --depth 2 --iters 2000"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(base cos cos_ema9995 cos_lr2e3 cos_b128)
