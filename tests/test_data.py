@@ -358,4 +358,5 @@ def test_gmm_mode_share_matches_the_rayleigh_closed_form_and_fails_off_the_modes
     assert abs(gmm_mode_share(x, k=1.0) - (1 - math.exp(-0.5))) < 0.01
     ang = torch.rand(40_000, generator=g) * 2 * math.pi                    # the blurred ring: mostly between modes
     ring = GMM_RADIUS * torch.stack([ang.cos(), ang.sin()], 1)
-    assert gmm_mode_share(ring) < 0.5
+    arc = 2 * math.asin(3 * D.GMM_STD / (2 * GMM_RADIUS))                 # half-width of a mode's arc on the ring
+    assert abs(gmm_mode_share(ring) - D.GMM_COMPONENTS * 2 * arc / (2 * math.pi)) < 0.01   # ~0.55, far below 0.97
