@@ -1,7 +1,19 @@
 """Shared test set-up."""
 
+import os
+
 import pytest
 import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    """`opt_in` tests (minutes long) run only with PROGDISTILL_SLOW=1."""
+    if os.environ.get("PROGDISTILL_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="minutes long: run with PROGDISTILL_SLOW=1")
+    for item in items:
+        if "opt_in" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .accel import plain_state_dict, unwrap
 from .denoiser import Denoiser
 from .errors import UserError
 from .models import ModelConfig, build_network, network_from_spec, network_spec, spec_with_param
@@ -124,6 +125,7 @@ def write_model_files(folder: Path, card: ModelCard, weights: dict[str, torch.nn
     """Each network (`{"model": net, "ema": ema_net}`) in diffusers layout, then the card, into `folder`.
     A card without `network` gets the saved net's config."""
     folder = Path(folder)
+    weights = {sub: unwrap(net) for sub, net in weights.items()}    # plain keys, never `_orig_mod.`
     for sub, net in weights.items():
         net.save_pretrained(folder / sub, safe_serialization=True)
     if card.network is None and weights:
@@ -186,7 +188,7 @@ def load_network(folder: Path, card: ModelCard, which: str | None = None) -> tor
         raise UserError(f"weights {f} not found; the run may be unfinished: resume it, or point at a finished model")
     net = build_network_from_card(card)
     try:
-        state = load_file(str(f))
+        state = plain_state_dict(load_file(str(f)))    # weights saved from a torch.compile'd module load too
     except Exception as e:  # safetensors raises several types for truncated or corrupt files
         raise UserError(f"weights {f} are corrupt ({e}); restore them or re-run training") from None
     missing, unexpected = net.load_state_dict(state, strict=False)
@@ -225,10 +227,12 @@ def latest_state(state_dir: Path) -> Path | None:
 
 
 def load_state(path: Path) -> dict:
+    """A training state; its network weights ("net", "ema") with plain keys (a stray `_orig_mod.` stripped)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        st = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"training state {path} is corrupt ({e.__class__.__name__}); delete it to resume from the previous one") from None
+    return {k: plain_state_dict(v) if k in ("net", "ema") and isinstance(v, dict) else v for k, v in st.items()}
 
 
 def state_name(*parts: int) -> str:

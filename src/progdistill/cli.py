@@ -164,6 +164,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance w >= 0: x = (1 + w) x_c - w x_null (diffusers' guidance_scale "
                         "= 1 + w); class-conditional teachers (2 evaluations per step) and --guided students (1)")
     m.add_argument("--batch-size", type=int, default=500)
+    _compile_arg(m)
 
     x = add("export", "write a model as a diffusers DDIMPipeline folder with a README model card")
     x.add_argument("model", metavar="MODEL", help="teacher run, distillation run (its last round), steps-NNNN folder "
@@ -199,6 +200,13 @@ def _common_run_args(p: argparse.ArgumentParser, checkpoint_every: int) -> None:
                    "(prepared:, large folders); 0 reads in the training process, often fastest on CPU")
     p.add_argument("--log-every", type=int, default=25, help="steps between metrics lines in metrics.jsonl")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _compile_arg(p)
+
+
+def _compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the network (backend: inductor when not named; aot_eager only traces). "
+                        "Compiling costs seconds to minutes once; saved weights are the same plain files")
 
 
 def cmd_train(a) -> None:
@@ -211,13 +219,13 @@ def cmd_train(a) -> None:
                       lr_decay=a.lr_decay, lr_final_frac=a.lr_final_frac, ema_warmup=a.ema_warmup,
                       precision=a.precision,
                       grad_accum=a.grad_accum, checkpoint_every=a.checkpoint_every, keep_last=a.keep_last,
-                      time_limit=a.time_limit, log_every=a.log_every, workers=a.workers)
+                      time_limit=a.time_limit, log_every=a.log_every, workers=a.workers, compile=a.compile)
     out = train(cfg, a.out, resume=a.resume, progress=not a.no_progress)
     from .training import init_distributed
     if init_distributed().is_main and (Path(out) / "ema").is_dir():
         from .images import save_samples
         from .pipeline import load
-        model = load(out)
+        model = load(out, compile=a.compile)
         x = model.sample(num=100, steps=a.sample_steps, seed=a.seed, progress=not a.no_progress)
         path = save_samples(x, Path(out) / f"samples-ddim{a.sample_steps}.png", title=f"teacher, DDIM {a.sample_steps}",
                             nrow=10)
@@ -243,7 +251,7 @@ def cmd_distill(a) -> None:
                         ema_decay=a.student_ema, seed=a.seed, precision=a.precision, grad_accum=a.grad_accum,
                         checkpoint_every=a.checkpoint_every, keep_last=a.keep_last, time_limit=a.time_limit,
                         log_every=a.log_every, guided=a.guided, w_min=a.w_min, w_max=a.w_max,
-                        guided_iters=a.guided_iters, workers=a.workers)
+                        guided_iters=a.guided_iters, workers=a.workers, compile=a.compile)
     out = distill(cfg, a.out, resume=a.resume, progress=not a.no_progress)
     print(f"distillation run: {out}")
 
@@ -256,8 +264,10 @@ def cmd_prepare(a) -> None:
 def cmd_sample(a) -> None:
     import numpy as np
     from .images import save_samples, to_uint8
+    from .accel import apply_global, device_settings
     from .pipeline import load
-    model = load(a.model)
+    model = load(a.model, compile=a.compile)
+    apply_global(device_settings(model.device.type))     # TF32 matmuls on CUDA
     x = model.sample(num=a.num, steps=a.steps, seed=a.seed, sampler=a.sampler, logvar_frac=a.logvar_frac,
                      class_label=a.class_label, batch_size=a.batch_size, guidance=a.guidance, progress=True)
     title = f"{a.sampler} {a.steps or model.card.steps or 256}" + ("" if a.guidance is None else f", w = {a.guidance:g}")

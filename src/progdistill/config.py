@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 
+from .accel import check_compile
 from .errors import UserError
 from .losses import check_weighting
 from .normalize import check_normalize
@@ -31,6 +32,7 @@ def _check_common(cfg) -> None:
         raise UserError(f"--time-limit must be a positive number of minutes, got {cfg.time_limit}")
     if cfg.grad_clip is not None and not cfg.grad_clip > 0:
         raise UserError(f"gradient clipping norm must be positive, got {cfg.grad_clip}")
+    check_compile(cfg.compile)
 
 
 @dataclass
@@ -68,6 +70,7 @@ class TrainConfig:
     time_limit: float | None = None  # minutes
     log_every: int = 25
     workers: int = 0                 # DataLoader workers for streamed data (0: read in the training process)
+    compile: str | None = None       # torch.compile backend ("inductor"), None: eager. A speed option: --resume may change it
     schedule: dict = field(default_factory=lambda: {"kind": "cosine", "logsnr_min": -20.0, "logsnr_max": 20.0})
     model_overrides: dict = field(default_factory=dict)   # ModelConfig fields to change, e.g. {"hidden": 128}
 
@@ -128,6 +131,7 @@ class DistillConfig:
     guided_iters: int | None = None  # stage-1 iterations (default: --iters-per-round)
     hflip: bool | None = None        # random horizontal flip; None: the teacher run's (imported teachers: off)
     workers: int = 0                 # DataLoader workers for streamed data (0: read in the training process)
+    compile: str | None = None       # torch.compile backend ("inductor"), None: eager. A speed option: --resume may change it
 
     def validate(self) -> "DistillConfig":
         _check_common(self)

@@ -19,6 +19,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
+from .accel import (adamw, apply_global, device_settings, load_optimizer_state, plain_state_dict, prepare_denoiser,
+                    prepare_network, run_note)
 from .checkpoint import (CARD, ModelCard, build_network_from_card, clean_run_folder, is_diffusers_spec, latest_state,
                          num_classes, load_denoiser, load_state, publish_model_folder, read_json, rotate_states,
                          state_name, steps_folder_name, torch_save_atomic, write_json)
@@ -96,7 +98,7 @@ def init_student(teacher_net: nn.Module, teacher_card: ModelCard, student_param:
     silent re-initialisation (the paper's eps -> v remedy keeps channels equal, so everything is copied).
     """
     student = build_network_from_card(teacher_card, student_param, dropout=0.0)
-    src, own = teacher_net.state_dict(), student.state_dict()
+    src, own = plain_state_dict(teacher_net.state_dict()), student.state_dict()   # a compiled teacher too
     copied = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
     switch = output_channels(teacher_card.param, 1) != output_channels(student_param, 1)
     out_layer = ("conv_out.", "out.")     # UNet2DModel's and MLPModel's output layers
@@ -263,14 +265,17 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
         if not (out / "config.json").is_file():
             raise UserError(f"--resume: {out} has no config.json; start a new distillation without --resume")
         saved = from_dict(DistillConfig, read_json(out / "config.json", "run config"))
-        cfg = dataclasses.replace(saved, time_limit=cfg.time_limit, workers=cfg.workers)
+        cfg = dataclasses.replace(saved, time_limit=cfg.time_limit, workers=cfg.workers, compile=cfg.compile)
     elif (out / "config.json").exists():
         raise UserError(f"{out} already holds a distillation run: pass --resume, or choose another --out")
     cfg.validate()
     teacher_run = cfg.teacher          # a run folder, or diffusers:PATH (an imported teacher), as given
     if dist_info.is_main:
         warn_if_unfinished(teacher_run)
+    settings = device_settings(dist_info.device.type)   # CUDA: channels_last, TF32, fused AdamW; CPU: none
+    apply_global(settings)
     teacher0, card0 = load_denoiser(teacher_run, device=dist_info.device)
+    teacher0 = prepare_denoiser(teacher0, settings, cfg.compile)
     cfg = resolve_config(cfg, card0, teacher_run, count_parameters(teacher0.net))
     student_param = student_param_for(card0.param, cfg.student_param)
     null_label = check_guidable(card0, teacher_run) if cfg.guided else None   # before any work: one-line refusal
@@ -318,7 +323,7 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
         print(f"distill: {cfg.start_steps} -> {cfg.final_steps} steps in {len(rounds)} rounds, "
               f"{_iters_text(rounds)}, batch {cfg.batch_size}, lr {cfg.lr}, student param {student_param}"
               f"{', random horizontal flips (as the teacher trained)' if hflip else ''}"
-              f"{', data read per batch' if data.stream is not None else ''}")
+              f"{', data read per batch' if data.stream is not None else ''}{run_note(settings, cfg.compile)}")
     metrics = MetricsLog(out / "metrics.jsonl", dist_info.is_main)
     deadline = time.time() + 60 * cfg.time_limit if cfg.time_limit else None
     torch.manual_seed(seed_for(cfg.seed, 20_000 + dist_info.rank))
@@ -330,6 +335,7 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
                                     dist_info=dist_info, deadline=deadline, metrics=metrics, progress=progress):
                 return out
         teacher0, card0 = load_denoiser(out / GUIDED_FOLDER, device=dist_info.device)
+        teacher0 = prepare_denoiser(teacher0, settings, cfg.compile)
 
     for r in range(first_round, len(rounds)):
         n_student, iters = rounds[r]["steps"], rounds[r]["iters"]
@@ -338,9 +344,10 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
             teacher, t_card = teacher0, card0
         else:
             teacher, t_card = load_denoiser(out / steps_folder_name(rounds[r - 1]["steps"]), device=dist_info.device)
+            teacher = prepare_denoiser(teacher, settings, cfg.compile)
         teacher.eval().requires_grad_(False)
-        student_net = init_student(teacher.net, t_card, student_param).to(dist_info.device)
-        optimizer = torch.optim.AdamW(student_net.parameters(), lr=cfg.lr, weight_decay=0.0)   # fresh each round
+        student_net = prepare_network(init_student(teacher.net, t_card, student_param).to(dist_info.device), settings)
+        optimizer = adamw(student_net.parameters(), lr=cfg.lr, weight_decay=0.0, settings=settings)  # fresh each round
         ema = EMA(student_net, cfg.ema_decay) if cfg.ema_decay > 0 else None                  # so is the EMA
         start, prev_seconds, round_t0 = 0, 0.0, time.time()
         if st is not None and int(st["round"]) == r:
@@ -348,10 +355,11 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
             student_net.load_state_dict(st["net"])
             if ema is not None and "ema" in st:    # (states of older versions, which ignored ema_decay, have none)
                 ema.net.load_state_dict(st["ema"])
-            optimizer.load_state_dict(st["optimizer"])
+            load_optimizer_state(optimizer, st["optimizer"], settings)
             set_rng_state(st["rng"][min(dist_info.rank, len(st["rng"]) - 1)])
             start = int(st["step"])
-        student = Denoiser(student_net, schedule=card0.schedule, param=student_param)
+        student = prepare_denoiser(Denoiser(student_net, schedule=card0.schedule, param=student_param), settings,
+                                   cfg.compile)
         model = DistributedDataParallel(student) if dist_info.enabled else student
 
         def part(micro: int) -> slice:

@@ -22,6 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
+from .accel import adamw, device_settings, load_optimizer_state, prepare_denoiser, prepare_network
 from .checkpoint import (CARD, ModelCard, latest_state, load_state, rotate_states, save_model_folder, state_name,
                          torch_save_atomic, write_json)
 from .data import Dataset, random_hflip
@@ -128,16 +129,18 @@ def distill_guidance(cfg, out: Path, *, teacher: Denoiser, card0: ModelCard, dat
     t_spec = card0.network or network_spec(teacher.net)
     student_net = init_guided_student(teacher.net, t_spec, student_spec=spec_with_param(t_spec, student_param, dropout=0.0),
                                       w_min=cfg.w_min, w_max=cfg.w_max).to(dist_info.device)
-    optimizer = torch.optim.AdamW(student_net.parameters(), lr=cfg.lr, weight_decay=0.0)
+    settings = device_settings(dist_info.device.type)
+    prepare_network(student_net, settings)
+    optimizer = adamw(student_net.parameters(), lr=cfg.lr, weight_decay=0.0, settings=settings)
     start, prev_seconds, t0 = 0, 0.0, time.time()
     state_path = latest_state(out / GUIDED_STATES)
     if state_path is not None:
         st = load_state(state_path)
         student_net.load_state_dict(st["net"])
-        optimizer.load_state_dict(st["optimizer"])
+        load_optimizer_state(optimizer, st["optimizer"], settings)
         set_rng_state(st["rng"][min(dist_info.rank, len(st["rng"]) - 1)])
         start, prev_seconds = int(st["step"]), float(st.get("seconds", 0.0))
-    student = Denoiser(student_net, schedule=card0.schedule, param=student_param)
+    student = prepare_denoiser(Denoiser(student_net, schedule=card0.schedule, param=student_param), settings, cfg.compile)
     model = DistributedDataParallel(student) if dist_info.enabled else student
     hflip = bool(cfg.hflip) and data.kind == "image"
 

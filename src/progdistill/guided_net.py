@@ -17,6 +17,7 @@ from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
+from .accel import plain_state_dict
 from .errors import UserError
 
 W_SCALE = 1000.0    # w enters as W_SCALE * w / w_max: unscaled, sinusoids barely separate w = 0 from w = 0.5
@@ -72,7 +73,7 @@ def init_guided_student(teacher_net: nn.Module, teacher_spec: dict, *, student_s
 
     `student_spec` is the teacher's spec with the student's output parameterisation and dropout (same channels).
     """
-    src = teacher_net.state_dict()
+    src = plain_state_dict(teacher_net.state_dict())    # a torch.compile'd teacher too
     if "class_embedding.weight" not in src:
         raise UserError("guided distillation needs a class-conditional teacher with a label table (class_embedding)")
     rows, dim = src["class_embedding.weight"].shape

@@ -11,6 +11,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
+from .accel import (adamw, apply_global, compile_denoiser, device_settings, load_optimizer_state, prepare_network,
+                    run_note)
 from .checkpoint import (CARD, PUBLIC, ModelCard, clean_run_folder, latest_state, load_state, read_json, rotate_states,
                          save_model_folder, state_name, torch_save_atomic, write_json)
 from .config import TrainConfig, from_dict, to_dict
@@ -124,7 +126,8 @@ def resumed_config(saved_d: dict, cfg: TrainConfig) -> TrainConfig:
         asked, kept = getattr(cfg, name), getattr(saved, name)
         if asked is not None and asked != kept:
             raise UserError(f"--resume keeps the run's {name} ({kept}); drop --{name} {asked} or start a new run")
-    return dataclasses.replace(saved, time_limit=cfg.time_limit, iters=cfg.iters or saved.iters, workers=cfg.workers)
+    return dataclasses.replace(saved, time_limit=cfg.time_limit, iters=cfg.iters or saved.iters, workers=cfg.workers,
+                               compile=cfg.compile)   # speed options are the resuming command's
 
 
 def teacher_plan(n: int, *, step: int, seed: int, batch_size: int, label_dropout: float) -> dict:
@@ -235,16 +238,18 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     if normalizer is not None:   # the diffusion sees u = (x - shift) / scale; sampling decodes
         data.x = normalizer.encode(data.x.double()).float()
 
+    settings = device_settings(dist_info.device.type)   # CUDA: channels_last, TF32, fused AdamW; CPU: none
+    apply_global(settings)
     torch.manual_seed(seed_for(cfg.seed, 10_000 + dist_info.rank))  # dropout only; all else is passed in
-    net = build_network(model_cfg, cfg.param).to(dist_info.device)
+    net = prepare_network(build_network(model_cfg, cfg.param).to(dist_info.device), settings)
     ema = EMA(net, cfg.ema_decay, cfg.ema_warmup)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, settings=settings)
     start = 0
     if state_path is not None:
         st = load_state(state_path)
         net.load_state_dict(st["net"])
         ema.net.load_state_dict(st["ema"])
-        optimizer.load_state_dict(st["optimizer"])
+        load_optimizer_state(optimizer, st["optimizer"], settings)
         set_rng_state(st["rng"][min(dist_info.rank, len(st["rng"]) - 1)])
         start = int(st["step"])
     elif resume and dist_info.is_main:
@@ -257,10 +262,10 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
             print(f"data: {data.note}")
         print(f"teacher: preset {preset.name}, {count_parameters(net):,} parameters, data {data.name} "
               f"({len(data)} x {tuple(data.shape)}{', read per batch' if data.stream is not None else ''}), "
-              f"{cfg.iters} iters, batch {cfg.batch_size}, param {cfg.param}")
+              f"{cfg.iters} iters, batch {cfg.batch_size}, param {cfg.param}{run_note(settings, cfg.compile)}")
 
-    model = DistributedDataParallel(Denoiser(net, schedule=schedule, param=cfg.param)) if dist_info.enabled \
-        else Denoiser(net, schedule=schedule, param=cfg.param)
+    denoiser = compile_denoiser(Denoiser(net, schedule=schedule, param=cfg.param), cfg.compile)
+    model = DistributedDataParallel(denoiser) if dist_info.enabled else denoiser
     if data.x is not None:
         data.x = data.x.to(dist_info.device)
     label_dropout = cfg.label_dropout if cfg.class_cond else 0.0

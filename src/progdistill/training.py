@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import faults
+from .accel import compile_errors, unwrap
 from .errors import UserError
 
 
@@ -75,7 +76,7 @@ class EMA:
     """Exponential moving average of weights; decay min(decay, (1 + n) / (10 + n)) with warm-up."""
 
     def __init__(self, net: nn.Module, decay: float, warmup: bool = True):
-        self.net = copy.deepcopy(net).eval().requires_grad_(False)
+        self.net = copy.deepcopy(unwrap(net)).eval().requires_grad_(False)   # never torch.compile's wrapper
         self.decay, self.warmup = decay, warmup
 
     @torch.no_grad()
@@ -220,7 +221,8 @@ def optimize(*, model: nn.Module, params: list[nn.Parameter], optimizer: torch.o
                     if not _all_finite(loss.detach(), dist_info):
                         raise UserError(f"the loss became non-finite at step {step}{_on_rank(loss, dist_info)}; "
                                         f"nothing was saved after the last checkpoint: lower --lr or use --precision fp32")
-                    loss.backward()
+                    with compile_errors():    # a compiled network's backward is compiled at its first call
+                        loss.backward()
                 loss_val += float(loss.detach())
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else float("inf"))
             if not torch.isfinite(grad_norm):   # the norm of the all-reduced gradient: the same on every rank
