@@ -166,10 +166,13 @@ def test_fid_path_with_a_stand_in_detector(runs, tmp_path, monkeypatch):
         def forward(self, x, return_features=True):
             return (x.float().flatten(1) / 255) @ self.w
 
-    monkeypatch.setattr(fid, "load_inception", lambda path, **k: Detector())
+    asked = []
+    monkeypatch.setattr(fid, "load_inception", lambda path, **k: asked.append(k.get("device")) or Detector())
     recs = ev.evaluate(runs / "dd", steps=[1], methods=["ddim"], metrics=["fid"], num=80, cache=tmp_path,
-                       progress=False)
+                       progress=False, device="cpu")
     assert recs[0]["fid"] > 0 and len(list(tmp_path.glob("digits-heldout-*.npz"))) == 1   # fid.reference_key
+    # the detector is loaded on the model's device (on a GPU machine: features computed there)
+    assert asked and all(d == torch.device("cpu") for d in asked)
 
 
 @pytest.mark.parametrize("kw, match", [

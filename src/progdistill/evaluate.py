@@ -194,7 +194,8 @@ def tune_ancestral(run: Run, teacher: Model, steps: int, *, spec: str, family: s
         return float(entry["logvar_frac"])
     cache_key = (spec, num, seed)
     scorer = (_scorer or {}).get(cache_key) or Scorer(spec, family, [metric], teacher.card.data["shape"],
-                                                       split="train", num=num, seed=seed, cache=cache_dir(cache))
+                                                       split="train", num=num, seed=seed, cache=cache_dir(cache),
+                                                       device=teacher.device)
     if _scorer is not None:
         _scorer[cache_key] = scorer
     scores = []
@@ -238,7 +239,7 @@ def evaluate(model_path, *, data: str | None = None, steps=None, methods=None, m
     family = data_family(spec, teacher.card)
     methods, steps, metrics = check_request(run, family, methods, steps, metrics, spec)
     scorer = Scorer(spec, family, metrics, teacher.card.data["shape"], num=num, seed=seed, cache=cache_dir(cache),
-                    inception=inception, allow_download=allow_download, log=log)
+                    inception=inception, allow_download=allow_download, log=log, device=teacher.device)
     jobs = [(m, n) for n in steps for m in methods]
     ref_job = ("ddim", run.start_steps)
     ref_num = num if ref_num is None or ref_job in jobs else max(2, min(ref_num, num))

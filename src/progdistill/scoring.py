@@ -36,10 +36,13 @@ def _images(ds):
 
 
 class Scorer:
-    """Metric values of a sample set against a reference split (held-out for evaluation, train for tuning)."""
+    """Metric values of a sample set against a reference split (held-out for evaluation, train for tuning).
+
+    `device`: where the Inception detector runs (evaluation passes the model's: features on the GPU)."""
 
     def __init__(self, spec: str, family: str, metrics: list[str], shape, *, split: str = "heldout", num: int,
-                 seed: int, cache: Path, inception=None, allow_download: bool = True, log=print):
+                 seed: int, cache: Path, inception=None, allow_download: bool = True, log=print,
+                 device: torch.device | str = "cpu"):
         self.spec, self.family, self.metrics = spec, family, [m for m in metrics if m not in ("psnr_teacher", "nll")]
         res, ch = (shape[1], shape[0]) if family == "image" else (None, None)
         if family == "toy":
@@ -79,7 +82,7 @@ class Scorer:
                 log(f"digits classifier: held-out accuracy {acc:.3f} (trained on the 1,297 training digits)")
         if "fid" in self.metrics:
             from . import fid
-            self.detector = fid.load_inception(inception, allow_download=allow_download)
+            self.detector = fid.load_inception(inception, allow_download=allow_download, device=device)
             fid_split = split if family == "digits" else "train"
             name, key = fid.reference_key(spec, split=fid_split, resolution=res, channels=ch, detector=self.detector,
                                           count=len(ds) if fid_split == split else None)
