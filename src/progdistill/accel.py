@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -146,6 +147,18 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, settings
     optimizer.load_state_dict(state)
     for group in optimizer.param_groups:
         group["fused"] = True if settings.fused_adamw else None
+
+
+def warn_bf16(param: str, precision: str) -> str | None:
+    """Print (stderr) and return one line for a bf16 run whose output lets bf16 rounding dominate the weighted
+    loss somewhere in t (benchmarks/bf16_error.py, a trained digits teacher: a v output stays within about 1%)."""
+    if precision != "bf16" or param not in ("x", "eps"):
+        return None
+    where = "t < 0.125 (high SNR)" if param == "x" else "t > 0.875 (x = (z - sigma eps) / alpha amplifies it)"
+    line = (f"warning: --precision bf16 with an {param} output: bf16 rounding in the network is 15-20% of the "
+            f"truncated-SNR loss at {where} (benchmarks/bf16_error.py); a v output keeps it near 1%")
+    print(line, file=sys.stderr)
+    return line
 
 
 # ------------------------------------------------------------------------------- FLOPs and peaks

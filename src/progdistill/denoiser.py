@@ -5,6 +5,10 @@ tau = T t(lambda) - 1 (method.md §8) and turns the raw output into x_pred for t
 parameterization (method.md §2). The network never sees the schedule. tau is computed from
 lambda at its own precision (the samplers pass float64, so grid points give whole timesteps);
 alpha and sigma in float32. lambda = -inf (zero terminal SNR) gives alpha = 0, sigma = 1.
+
+Under bf16 autocast only the network runs in bf16: its output is cast to float32 before the
+parameterization maths, so x_pred, the schedule and the loss stay float32 (benchmarks/bf16_error.py).
+`call_net` (set by accel.compile_denoiser) is a compiled call of `net`, kept out of the module tree.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
 from .accel import (adamw, apply_global, device_settings, load_optimizer_state, plain_state_dict, prepare_denoiser,
-                    prepare_network, run_note)
+                    prepare_network, run_note, warn_bf16)
 from .checkpoint import (CARD, ModelCard, build_network_from_card, clean_run_folder, is_diffusers_spec, latest_state,
                          num_classes, load_denoiser, load_state, publish_model_folder, read_json, rotate_states,
                          state_name, steps_folder_name, torch_save_atomic, write_json)
@@ -324,6 +324,7 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
               f"{_iters_text(rounds)}, batch {cfg.batch_size}, lr {cfg.lr}, student param {student_param}"
               f"{', random horizontal flips (as the teacher trained)' if hflip else ''}"
               f"{', data read per batch' if data.stream is not None else ''}{run_note(settings, cfg.compile)}")
+        warn_bf16(student_param, cfg.precision)
     metrics = MetricsLog(out / "metrics.jsonl", dist_info.is_main)
     deadline = time.time() + 60 * cfg.time_limit if cfg.time_limit else None
     torch.manual_seed(seed_for(cfg.seed, 20_000 + dist_info.rank))

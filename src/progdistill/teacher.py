@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
 from .accel import (adamw, apply_global, compile_denoiser, device_settings, load_optimizer_state, prepare_network,
-                    run_note)
+                    run_note, warn_bf16)
 from .checkpoint import (CARD, PUBLIC, ModelCard, clean_run_folder, latest_state, load_state, read_json, rotate_states,
                          save_model_folder, state_name, torch_save_atomic, write_json)
 from .config import TrainConfig, from_dict, to_dict
@@ -263,6 +263,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         print(f"teacher: preset {preset.name}, {count_parameters(net):,} parameters, data {data.name} "
               f"({len(data)} x {tuple(data.shape)}{', read per batch' if data.stream is not None else ''}), "
               f"{cfg.iters} iters, batch {cfg.batch_size}, param {cfg.param}{run_note(settings, cfg.compile)}")
+        warn_bf16(cfg.param, cfg.precision)
 
     denoiser = compile_denoiser(Denoiser(net, schedule=schedule, param=cfg.param), cfg.compile)
     model = DistributedDataParallel(denoiser) if dist_info.enabled else denoiser
