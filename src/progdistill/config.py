@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 
-from .accel import check_compile
 from .errors import UserError
 from .losses import check_weighting
 from .normalize import check_normalize
@@ -32,7 +31,8 @@ def _check_common(cfg) -> None:
         raise UserError(f"--time-limit must be a positive number of minutes, got {cfg.time_limit}")
     if cfg.grad_clip is not None and not cfg.grad_clip > 0:
         raise UserError(f"gradient clipping norm must be positive, got {cfg.grad_clip}")
-    check_compile(cfg.compile)
+    if cfg.compile is not None and (not isinstance(cfg.compile, str) or not cfg.compile):
+        raise UserError(f"--compile takes a torch.compile backend name (default inductor), got {cfg.compile!r}")
 
 
 @dataclass

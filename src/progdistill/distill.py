@@ -19,8 +19,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
-from .accel import (adamw, apply_global, device_settings, load_optimizer_state, plain_state_dict, prepare_denoiser,
-                    prepare_network, run_note, warn_bf16)
+from .accel import (adamw, apply_global, check_compile, device_settings, load_optimizer_state, plain_state_dict,
+                    prepare_denoiser, prepare_network, run_note, warn_bf16)
 from .checkpoint import (CARD, ModelCard, build_network_from_card, clean_run_folder, is_diffusers_spec, latest_state,
                          num_classes, load_denoiser, load_state, publish_model_folder, read_json, rotate_states,
                          state_name, steps_folder_name, torch_save_atomic, write_json)
@@ -269,6 +269,7 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
     elif (out / "config.json").exists():
         raise UserError(f"{out} already holds a distillation run: pass --resume, or choose another --out")
     cfg.validate()
+    check_compile(cfg.compile)         # before any work: torch.compile can run here
     teacher_run = cfg.teacher          # a run folder, or diffusers:PATH (an imported teacher), as given
     if dist_info.is_main:
         warn_if_unfinished(teacher_run)

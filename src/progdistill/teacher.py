@@ -11,8 +11,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
-from .accel import (adamw, apply_global, compile_denoiser, device_settings, load_optimizer_state, prepare_network,
-                    run_note, warn_bf16)
+from .accel import (adamw, apply_global, check_compile, compile_denoiser, device_settings, load_optimizer_state,
+                    prepare_network, run_note, warn_bf16)
 from .checkpoint import (CARD, PUBLIC, ModelCard, clean_run_folder, latest_state, load_state, read_json, rotate_states,
                          save_model_folder, state_name, torch_save_atomic, write_json)
 from .config import TrainConfig, from_dict, to_dict
@@ -222,6 +222,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     elif (out / "config.json").exists():
         raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     cfg = resolve_config(cfg)
+    check_compile(cfg.compile)     # before any work: torch.compile can run here
     preset_name = cfg.preset
     if preset_name is None and cfg.data.split(":")[0] in ("folder", "cifar10", "prepared"):
         get_preset(None)  # raises: images need a named preset (only vectors imply `mlp`)
