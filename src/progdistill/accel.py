@@ -121,6 +121,15 @@ def apply_global(settings: DeviceSettings) -> None:
         torch.set_float32_matmul_precision("high")
 
 
+def run_settings(device: torch.device, backend: str | None) -> DeviceSettings:
+    """What train and distill do first: check that torch.compile can run (when asked), decide the device's
+    settings and apply the process-wide ones."""
+    check_compile(backend)
+    settings = device_settings(device.type)
+    apply_global(settings)
+    return settings
+
+
 def prepare_network(net: nn.Module, settings: DeviceSettings) -> nn.Module:
     """The network in the device's memory format (channels_last moves only 4-D weights; in place)."""
     if settings.channels_last:

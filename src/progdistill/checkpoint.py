@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .accel import plain_state_dict, unwrap
+from .accel import device_settings, plain_state_dict, prepare_denoiser, unwrap
 from .denoiser import Denoiser
 from .errors import UserError
 from .models import ModelConfig, build_network, network_from_spec, network_spec, spec_with_param
@@ -198,17 +198,21 @@ def load_network(folder: Path, card: ModelCard, which: str | None = None) -> tor
     return net
 
 
-def load_denoiser(path: str | Path, *, which: str | None = None,
-                  device: str | torch.device = "cpu") -> tuple[Denoiser, ModelCard]:
-    """Load any model folder, distillation run or `diffusers:PATH` as an eval-mode Denoiser plus its card."""
+def load_denoiser(path: str | Path, *, which: str | None = None, device: str | torch.device = "cpu",
+                  compile: str | None = None) -> tuple[Denoiser, ModelCard]:
+    """Load any model folder, distillation run or `diffusers:PATH` as an eval-mode Denoiser plus its card,
+    ready to run on `device` (channels_last on CUDA; torch.compile'd with backend `compile`)."""
+    device = torch.device(device)
     if is_diffusers_spec(path):
         from .diffusers_io import load_diffusers_teacher
 
-        return load_diffusers_teacher(str(path), device)
-    folder = version_folder(resolve_model_folder(Path(path)))   # card and weights of one version
-    card = load_card(folder)
-    net = load_network(folder, card, which).to(device).eval()
-    return Denoiser(net, schedule=card.schedule, param=card.param), card
+        denoiser, card = load_diffusers_teacher(str(path), device)
+    else:
+        folder = version_folder(resolve_model_folder(Path(path)))   # card and weights of one version
+        card = load_card(folder)
+        net = load_network(folder, card, which).to(device).eval()
+        denoiser = Denoiser(net, schedule=card.schedule, param=card.param)
+    return prepare_denoiser(denoiser, device_settings(device.type), compile), card
 
 
 def list_states(state_dir: Path) -> list[Path]:

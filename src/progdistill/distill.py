@@ -19,8 +19,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
-from .accel import (adamw, apply_global, check_compile, device_settings, load_optimizer_state, plain_state_dict,
-                    prepare_denoiser, prepare_network, run_note, warn_bf16)
+from .accel import (adamw, load_optimizer_state, plain_state_dict, prepare_denoiser, prepare_network, run_note,
+                    run_settings, warn_bf16)
 from .checkpoint import (CARD, ModelCard, build_network_from_card, clean_run_folder, is_diffusers_spec, latest_state,
                          num_classes, load_denoiser, load_state, publish_model_folder, read_json, rotate_states,
                          state_name, steps_folder_name, torch_save_atomic, write_json)
@@ -269,14 +269,11 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
     elif (out / "config.json").exists():
         raise UserError(f"{out} already holds a distillation run: pass --resume, or choose another --out")
     cfg.validate()
-    check_compile(cfg.compile)         # before any work: torch.compile can run here
+    settings = run_settings(dist_info.device, cfg.compile)   # CUDA: channels_last, TF32, fused AdamW; CPU: none
     teacher_run = cfg.teacher          # a run folder, or diffusers:PATH (an imported teacher), as given
     if dist_info.is_main:
         warn_if_unfinished(teacher_run)
-    settings = device_settings(dist_info.device.type)   # CUDA: channels_last, TF32, fused AdamW; CPU: none
-    apply_global(settings)
-    teacher0, card0 = load_denoiser(teacher_run, device=dist_info.device)
-    teacher0 = prepare_denoiser(teacher0, settings, cfg.compile)
+    teacher0, card0 = load_denoiser(teacher_run, device=dist_info.device, compile=cfg.compile)
     cfg = resolve_config(cfg, card0, teacher_run, count_parameters(teacher0.net))
     student_param = student_param_for(card0.param, cfg.student_param)
     null_label = check_guidable(card0, teacher_run) if cfg.guided else None   # before any work: one-line refusal
@@ -336,8 +333,7 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
                                     null_label=null_label, teacher_ref=teacher_ref, run_card=run_card,
                                     dist_info=dist_info, deadline=deadline, metrics=metrics, progress=progress):
                 return out
-        teacher0, card0 = load_denoiser(out / GUIDED_FOLDER, device=dist_info.device)
-        teacher0 = prepare_denoiser(teacher0, settings, cfg.compile)
+        teacher0, card0 = load_denoiser(out / GUIDED_FOLDER, device=dist_info.device, compile=cfg.compile)
 
     for r in range(first_round, len(rounds)):
         n_student, iters = rounds[r]["steps"], rounds[r]["iters"]
@@ -345,8 +341,8 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
         if r == 0:
             teacher, t_card = teacher0, card0
         else:
-            teacher, t_card = load_denoiser(out / steps_folder_name(rounds[r - 1]["steps"]), device=dist_info.device)
-            teacher = prepare_denoiser(teacher, settings, cfg.compile)
+            teacher, t_card = load_denoiser(out / steps_folder_name(rounds[r - 1]["steps"]), device=dist_info.device,
+                                            compile=cfg.compile)
         teacher.eval().requires_grad_(False)
         student_net = prepare_network(init_student(teacher.net, t_card, student_param).to(dist_info.device), settings)
         optimizer = adamw(student_net.parameters(), lr=cfg.lr, weight_decay=0.0, settings=settings)  # fresh each round

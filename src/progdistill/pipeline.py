@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from .accel import device_settings, prepare_denoiser
 from .checkpoint import ModelCard, load_denoiser
 from .checkpoint import num_classes as card_num_classes
 from .denoiser import Denoiser
@@ -159,6 +158,5 @@ def load(path: str | Path, *, device: str | torch.device | None = None, which: s
     On CUDA the network is put in channels_last; `compile` ("inductor", ...) torch.compiles its call.
     Process-wide settings (TF32) are left to the caller: `accel.apply_global`."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    denoiser, card = load_denoiser(Path(path), which=which, device=device)
-    denoiser = prepare_denoiser(denoiser, device_settings(device.type), compile)
+    denoiser, card = load_denoiser(Path(path), which=which, device=device, compile=compile)
     return Model(denoiser, card, Path(path), device)

@@ -11,8 +11,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
-from .accel import (adamw, apply_global, check_compile, compile_denoiser, device_settings, load_optimizer_state,
-                    prepare_network, run_note, warn_bf16)
+from .accel import adamw, compile_denoiser, load_optimizer_state, prepare_network, run_note, run_settings, warn_bf16
 from .checkpoint import (CARD, PUBLIC, ModelCard, clean_run_folder, latest_state, load_state, read_json, rotate_states,
                          save_model_folder, state_name, torch_save_atomic, write_json)
 from .config import TrainConfig, from_dict, to_dict
@@ -222,7 +221,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     elif (out / "config.json").exists():
         raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     cfg = resolve_config(cfg)
-    check_compile(cfg.compile)     # before any work: torch.compile can run here
+    settings = run_settings(dist_info.device, cfg.compile)   # CUDA: channels_last, TF32, fused AdamW; CPU: none
     preset_name = cfg.preset
     if preset_name is None and cfg.data.split(":")[0] in ("folder", "cifar10", "prepared"):
         get_preset(None)  # raises: images need a named preset (only vectors imply `mlp`)
@@ -239,8 +238,6 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     if normalizer is not None:   # the diffusion sees u = (x - shift) / scale; sampling decodes
         data.x = normalizer.encode(data.x.double()).float()
 
-    settings = device_settings(dist_info.device.type)   # CUDA: channels_last, TF32, fused AdamW; CPU: none
-    apply_global(settings)
     torch.manual_seed(seed_for(cfg.seed, 10_000 + dist_info.rank))  # dropout only; all else is passed in
     net = prepare_network(build_network(model_cfg, cfg.param).to(dist_info.device), settings)
     ema = EMA(net, cfg.ema_decay, cfg.ema_warmup)
