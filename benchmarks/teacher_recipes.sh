@@ -18,6 +18,10 @@ declare -A RECIPES=(
   [cos_b128]="--lr-decay cosine --lr-final-frac 0.02 --batch-size 128 --iters 1800"
   [cos_lr2e3_b128]="--lr-decay cosine --lr-final-frac 0.02 --lr 2e-3 --batch-size 128 --iters 1800"
   [cos_lr2e3_d2]="--lr-decay cosine --lr-final-frac 0.02 --lr 2e-3 --depth 2 --iters 2000"
+  [shift2.8]="--logsnr-shift 2.77"        # 2 log(32/8): the cosine schedule shifted for 8 px instead of 32 px
+  [shift4.2]="--logsnr-shift 4.16"        # 2 log(64/8)
+  [shift-1.5]="--logsnr-shift -1.5"        # more noise at every t
+  [shift-3]="--logsnr-shift -3"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(base cos cos_ema9995 cos_lr2e3 cos_b128)

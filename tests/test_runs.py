@@ -166,7 +166,19 @@ def test_eps_teacher_distils_into_v_student(tmp_path):
     assert load(out).sample(num=4, steps=2).isfinite().all()
 
 
+def test_logsnr_shift_is_carried_from_the_cli_through_distillation(tmp_path):
+    """`train --logsnr-shift` lands in the card; the student and the loaded model sample on that schedule."""
+    out = tmp_path / "t"
+    assert cli.main(["train", "--data", "toy:gmm", "--out", str(out), "--iters", "2", "--logsnr-shift", "-1.5",
+                     "--no-progress", "--sample-steps", "2"]) == 0
+    assert read_json(out / CARD)["schedule"]["logsnr_shift"] == -1.5
+    d = distill(_distill_cfg(out, start_steps=4, final_steps=2, iters_per_round=2), tmp_path / "d", progress=False)
+    assert read_json(d / "steps-0002" / CARD)["schedule"]["logsnr_shift"] == -1.5
+    assert load(d).card.schedule.logsnr_shift == -1.5
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["train", "--data", "toy:gmm", "--out", "O", "--logsnr-shift", "30"], "logsnr shift"),
     (["distill", "--teacher", "T", "--out", "O", "--start-steps", "12"], "power of two"),
     (["distill", "--teacher", "T", "--out", "O", "--start-steps", "4", "--final-steps", "8"], "smaller than"),
     (["distill", "--teacher", "/nonexistent", "--out", "O"], "not found"),

@@ -245,8 +245,38 @@ def test_schedule_validation():
         Schedule(logsnr_min=5.0, logsnr_max=5.0)
 
 
+@pytest.mark.parametrize("shift", [-3.0, 2.0, math.log(16.0)])
+def test_shifted_cosine_is_the_cosine_plus_the_shift(shift):
+    """Shifted cosine (Hoogeboom et al. 2023): lambda_s(t) = lambda(t) + s away from the clipped ends,
+    exactly lambda_min / lambda_max at t = 1 / 0, and t_from_logsnr inverts it."""
+    sched = Schedule(logsnr_shift=shift)
+    t = dense_t()
+    lam = sched.logsnr(t)
+    # the range rescaling moves the ends of tan's argument by ~e^{-(20 -|s|)/2}: < 1e-2 on [0.05, 0.95]
+    inner = (t > 0.05) & (t < 0.95)
+    assert torch.allclose(lam[inner], pure_cosine_logsnr(t[inner]) + shift, atol=1e-2)
+    mid = (t > 0.25) & (t < 0.75)
+    assert torch.allclose(lam[mid], Schedule().logsnr(t[mid]) + shift, atol=2e-3)
+    assert lam[0].item() == pytest.approx(20.0, abs=1e-9) and lam[-1].item() == pytest.approx(-20.0, abs=1e-9)
+    assert bool((lam[1:] < lam[:-1]).all())
+    assert torch.allclose(sched.t_from_logsnr(lam), t, atol=1e-9)
+    # the network's time input follows the schedule's own t: grid points stay whole timesteps
+    grid = time_grid(256)[:-1]
+    assert torch.equal(sched.time_input(sched.logsnr(grid)), (T * grid - 1.0).round().float())
+
+
+def test_shift_zero_is_the_plain_cosine_and_is_not_written():
+    assert Schedule(logsnr_shift=0.0).to_dict() == Schedule().to_dict() == \
+        {"kind": "cosine", "logsnr_min": -20.0, "logsnr_max": 20.0}
+    for bad in (25.0, float("nan")):
+        with pytest.raises(UserError, match="logsnr shift"):
+            Schedule(logsnr_shift=bad)
+    with pytest.raises(UserError, match="cosine schedule only"):
+        Schedule(kind="discrete", betas=linear_betas(50), logsnr_shift=1.0)
+
+
 @pytest.mark.parametrize("sched", [Schedule(), Schedule(logsnr_min=-15.0, logsnr_max=12.0),
-                                   Schedule(kind="discrete", betas=linear_betas(50))])
+                                   Schedule(logsnr_shift=2.0), Schedule(kind="discrete", betas=linear_betas(50))])
 def test_to_dict_round_trip(sched):
     d = json.loads(json.dumps(sched.to_dict()))
     back = Schedule.from_dict(d)

@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--param", choices=["x", "v", "eps", "both"])
     t.add_argument("--weighting", default="snr_trunc", choices=["const", "snr", "snr_trunc", "snr_plus_one"])
     t.add_argument("--dropout", type=float)
+    t.add_argument("--logsnr-shift", type=float, default=0.0,
+                   help="shift the cosine logSNR schedule by S (Hoogeboom et al. 2023; range kept [-20, 20]): S > 0 "
+                        "adds less noise at every t, for images smaller than 32 px; default 0, the paper's schedule")
     t.add_argument("--ema-decay", type=float)
     t.add_argument("--no-ema-warmup", dest="ema_warmup", action="store_false",
                    help="use --ema-decay from the first step (default: min(decay, (1 + n) / (10 + n)), which stays "
@@ -220,6 +223,8 @@ def cmd_train(a) -> None:
                       precision=a.precision,
                       grad_accum=a.grad_accum, checkpoint_every=a.checkpoint_every, keep_last=a.keep_last,
                       time_limit=a.time_limit, log_every=a.log_every, workers=a.workers, compile=a.compile)
+    if a.logsnr_shift:
+        cfg.schedule = {**cfg.schedule, "logsnr_shift": a.logsnr_shift}
     out = train(cfg, a.out, resume=a.resume, progress=not a.no_progress)
     from .training import init_distributed
     if init_distributed().is_main and (Path(out) / "ema").is_dir():

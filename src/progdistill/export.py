@@ -215,8 +215,9 @@ def readme_text(card: ModelCard, src: Source, out: Path, meta: dict, ctx: dict, 
             else "a diffusion **teacher**" + (" (EMA weights)" if getattr(card, "weights", "") == "ema" else ""))
     classes = meta["num_classes"]
     sched = card.schedule
-    sched_text = (f"cosine logSNR in [{sched.logsnr_min:g}, {sched.logsnr_max:g}] (method.md §1), T = {sched.num_train_timesteps}"
-                  if sched.kind == "cosine" else f"discrete table of {sched.num_train_timesteps} betas")
+    shift = f", shifted by {sched.logsnr_shift:g}" if sched.kind == "cosine" and sched.logsnr_shift else ""
+    sched_text = (f"cosine logSNR in [{sched.logsnr_min:g}, {sched.logsnr_max:g}]{shift} (method.md §1), "
+                  f"T = {sched.num_train_timesteps}" if sched.kind == "cosine" else f"discrete table of {sched.num_train_timesteps} betas")
     L = [f"# {out.name}: diffusers DDIMPipeline exported by progdistill", "",
          f"This folder holds {what} exported by progdistill {__version__} (progressive distillation, Salimans & Ho "
          f"2022, [arXiv:2202.00512](https://arxiv.org/abs/2202.00512)) from `{src.name}`, as a diffusers `DDIMPipeline` (a `UNet2DModel` plus a `DDIMScheduler`).", "",

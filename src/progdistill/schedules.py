@@ -28,19 +28,25 @@ def snr(logsnr: torch.Tensor) -> torch.Tensor:
     return torch.exp(logsnr)
 
 
-def logsnr_cosine(t: torch.Tensor, logsnr_min: float = -20.0, logsnr_max: float = 20.0) -> torch.Tensor:
-    """lambda(t) = -2 log tan(a t + b), b = arctan(e^{-lambda_max/2}), a = arctan(e^{-lambda_min/2}) - b."""
-    b = math.atan(math.exp(-0.5 * logsnr_max))
-    a = math.atan(math.exp(-0.5 * logsnr_min)) - b
-    out = -2.0 * torch.log(torch.tan(a * t.to(torch.float64) + b))
+def logsnr_cosine(t: torch.Tensor, logsnr_min: float = -20.0, logsnr_max: float = 20.0,
+                  shift: float = 0.0) -> torch.Tensor:
+    """lambda(t) = s - 2 log tan(a t + b), b = arctan(e^{-(lambda_max - s)/2}), a = arctan(e^{-(lambda_min - s)/2}) - b.
+
+    s = `shift` is the shifted cosine of Hoogeboom et al. (2023): s > 0 (less noise at every t) suits
+    images smaller than the 32-64 px the cosine schedule was made for; the range stays [lambda_min, lambda_max].
+    """
+    b = math.atan(math.exp(-0.5 * (logsnr_max - shift)))
+    a = math.atan(math.exp(-0.5 * (logsnr_min - shift))) - b
+    out = shift - 2.0 * torch.log(torch.tan(a * t.to(torch.float64) + b))
     return out.to(t.dtype) if t.is_floating_point() else out
 
 
-def t_from_logsnr_cosine(logsnr: torch.Tensor, logsnr_min: float = -20.0, logsnr_max: float = 20.0) -> torch.Tensor:
-    """t = (arctan(e^{-lambda/2}) - b) / a, the inverse of `logsnr_cosine`."""
-    b = math.atan(math.exp(-0.5 * logsnr_max))
-    a = math.atan(math.exp(-0.5 * logsnr_min)) - b
-    out = (torch.atan(torch.exp(-0.5 * logsnr.to(torch.float64))) - b) / a
+def t_from_logsnr_cosine(logsnr: torch.Tensor, logsnr_min: float = -20.0, logsnr_max: float = 20.0,
+                         shift: float = 0.0) -> torch.Tensor:
+    """t = (arctan(e^{-(lambda - s)/2}) - b) / a, the inverse of `logsnr_cosine`."""
+    b = math.atan(math.exp(-0.5 * (logsnr_max - shift)))
+    a = math.atan(math.exp(-0.5 * (logsnr_min - shift))) - b
+    out = (torch.atan(torch.exp(-0.5 * (logsnr.to(torch.float64) - shift))) - b) / a
     return out.to(logsnr.dtype)
 
 
@@ -74,6 +80,7 @@ class Schedule:
     kind: str = "cosine"
     logsnr_min: float = -20.0
     logsnr_max: float = 20.0
+    logsnr_shift: float = 0.0     # cosine only: lambda(t) + s, rescaled to keep [logsnr_min, logsnr_max]
     betas: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -91,6 +98,11 @@ class Schedule:
                 raise UserError("a zero-terminal-SNR table (last beta = 1) needs at least 3 betas")
         elif not self.logsnr_min < self.logsnr_max:
             raise UserError("cosine schedule needs logsnr_min < logsnr_max")
+        elif not (math.isfinite(self.logsnr_shift) and self.logsnr_min < self.logsnr_shift < self.logsnr_max):
+            raise UserError(f"logsnr shift must lie inside (logsnr_min, logsnr_max) = ({self.logsnr_min:g}, "
+                            f"{self.logsnr_max:g}), got {self.logsnr_shift}; 0 is the plain cosine schedule")
+        if self.kind == "discrete" and self.logsnr_shift != 0.0:
+            raise UserError("logsnr shift applies to the cosine schedule only, not to a discrete beta table")
 
     # Discrete tables live on the knot index j = T t - 1 = 0 .. T-1 (method.md §8): abar_j at
     # t = (j + 1) / T, lambda_j = log(abar_j / (1 - abar_j)), linear in j between knots. A
@@ -137,14 +149,15 @@ class Schedule:
         t = torch.as_tensor(t)
         dtype = t.dtype if t.is_floating_point() else torch.float32
         if self.kind == "cosine":
-            return logsnr_cosine(t.to(torch.float64), self.logsnr_min, self.logsnr_max).to(dtype)
+            return logsnr_cosine(t.to(torch.float64), self.logsnr_min, self.logsnr_max, self.logsnr_shift).to(dtype)
         return self._logsnr_at_index(len(self.betas) * t.to(torch.float64) - 1.0).to(dtype)
 
     def t_from_logsnr(self, logsnr: torch.Tensor) -> torch.Tensor:
         """The inverse map lambda -> t (discrete tables: clamped to their logSNR range)."""
         logsnr = torch.as_tensor(logsnr)
         if self.kind == "cosine":
-            return t_from_logsnr_cosine(logsnr.to(torch.float64), self.logsnr_min, self.logsnr_max).to(logsnr.dtype)
+            return t_from_logsnr_cosine(logsnr.to(torch.float64), self.logsnr_min, self.logsnr_max,
+                                        self.logsnr_shift).to(logsnr.dtype)
         j = self._index_from_logsnr(logsnr.to(torch.float64))
         return ((j + 1.0) / len(self.betas)).to(logsnr.dtype)
 
@@ -162,7 +175,8 @@ class Schedule:
         logsnr = torch.as_tensor(logsnr)
         lam = logsnr.to(torch.float64)
         if self.kind == "cosine":
-            tau = self.num_train_timesteps * t_from_logsnr_cosine(lam, self.logsnr_min, self.logsnr_max) - 1.0
+            t = t_from_logsnr_cosine(lam, self.logsnr_min, self.logsnr_max, self.logsnr_shift)
+            tau = self.num_train_timesteps * t - 1.0
         else:
             tau = self._index_from_logsnr(lam)
         if logsnr.dtype != torch.float64:   # float32 lambda: tau is only good to float32 precision anyway
@@ -185,6 +199,8 @@ class Schedule:
         d = {"kind": self.kind}
         if self.kind == "cosine":
             d.update(logsnr_min=self.logsnr_min, logsnr_max=self.logsnr_max)
+            if self.logsnr_shift:   # absent when 0: cards written before the shift existed stay identical
+                d["logsnr_shift"] = self.logsnr_shift
         else:
             d["betas"] = list(self.betas)
         return d
