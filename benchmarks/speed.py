@@ -103,7 +103,6 @@ def main() -> None:
     t_train = _time(train_step, a.iters)
     t_bare = _time(bare_step, a.iters)
     t_distill = _time(distill_step, a.iters)
-    from progdistill.checkpoint import ModelCard
     mcard = ModelCard(model=preset.model, param=preset.param, schedule=schedule,
                       data={"kind": "image", "shape": [1, 8, 8], "spec": "digits"})
     t_sample = _time(lambda: generate(teacher.eval(), mcard, steps=16, num=500, seed=0), 3, warmup=1)
