@@ -1,6 +1,6 @@
 """Issue 7, item 5: progressive distillation of a teacher trained elsewhere (diffusers' own recipe).
 
-    .venv/bin/python benchmarks/diffusers_teacher.py --out runs/diffusers-bench      # full (<= 30 min, 1 thread)
+    .venv/bin/python benchmarks/diffusers_teacher.py --out runs/diffusers-bench      # full; add --threads 2 on an idle 2-core machine
     .venv/bin/python benchmarks/diffusers_teacher.py --out runs/diffusers-quick --quick   # smoke run (~2-3 min)
 
 1. Trains a digits teacher as diffusers' `examples/unconditional_image_generation/train_unconditional.py`
@@ -11,7 +11,7 @@
    epochs of a seeded permutation (partial last batch dropped, so every step sees `--batch-size`); t and
    the noise come from the same torch.Generator. lr: 2e-3 rather than the example's 1e-4 (see LR_NOTE).
    The EMA UNet and the scheduler are saved as a DDPMPipeline in OUT/teacher-pipeline/.
-2. Distils it with the progdistill CLI in a subprocess: `progdistill --threads 1 distill --teacher
+2. Distils it with the progdistill CLI in a subprocess: `progdistill --threads K distill --teacher
    diffusers:OUT/teacher-pipeline --data digits --out OUT/distill --final-steps 1 --iters-per-round 120
    --last-rounds-factor 3` (default N0 = 512 for T = 1000: 9 rounds), and records the examples seen.
 3. Exports the 4- and 1-step students: `progdistill export OUT/distill/steps-000N --out OUT/export-N`.
@@ -53,10 +53,10 @@ LR_NOTE = ("lr 2e-3, not the example's 1e-4: 3,000 steps are far fewer than the 
            "54.6 / 1.96 at 3e-4, 34.3 / 0.95 at 1e-3 and 28.2 / 0.78 at 2e-3")
 
 
-def cli(args: list[str], log: list[str]) -> tuple[bool, float]:
-    """Run `progdistill --threads 1 ARGS` (the installed CLI, as a user would); returns (ok, seconds)."""
-    cmd = [sys.executable, "-m", "progdistill.cli", "--threads", "1", *args]
-    print("$ progdistill --threads 1 " + " ".join(args), flush=True)
+def cli(args: list[str], log: list[str], threads: int) -> tuple[bool, float]:
+    """Run `progdistill --threads K ARGS` (the installed CLI, as a user would); returns (ok, seconds)."""
+    cmd = [sys.executable, "-m", "progdistill.cli", "--threads", str(threads), *args]
+    print(f"$ progdistill --threads {threads} " + " ".join(args), flush=True)
     t0 = time.time()
     rc = subprocess.run(cmd).returncode
     if rc != 0:
@@ -110,15 +110,16 @@ def train_teacher(dest: Path, *, steps: int, batch: int, lr: float, warmup: int,
 
 
 # ------------------------------------------------------------------------------------ 2-3. distil, export
-def distill_and_export(out: Path, teacher: Path, *, iters: int, factor: float, quick: bool, log: list) -> dict:
+def distill_and_export(out: Path, teacher: Path, *, iters: int, factor: float, quick: bool, log: list,
+                       threads: int) -> dict:
     dist = out / "distill"
     for p in [dist, out / "export-4", out / "export-1"]:
         shutil.rmtree(p, ignore_errors=True)                        # this script's own products only
     args = ["distill", "--teacher", f"diffusers:{teacher}", "--data", "digits", "--out", str(dist),
             "--final-steps", "1", "--iters-per-round", str(iters), "--last-rounds-factor", f"{factor:g}"]
     args += ["--start-steps", "8"] if quick else []
-    ok, seconds = cli(args, log)
-    info = {"command": "progdistill --threads 1 " + " ".join(args), "ok": ok, "seconds": seconds, "exports": {}}
+    ok, seconds = cli(args, log, threads)
+    info = {"command": f"progdistill --threads {threads} " + " ".join(args), "ok": ok, "seconds": seconds, "exports": {}}
     if not ok:
         return info
     card = json.loads((dist / "progdistill.json").read_text())
@@ -128,7 +129,7 @@ def distill_and_export(out: Path, teacher: Path, *, iters: int, factor: float, q
                 iters_to_4=sum(r["iters"] for r in rounds if r["steps"] >= 4), iters_all=sum(r["iters"] for r in rounds))
     info.update(examples_to_4=info["iters_to_4"] * batch, examples_all=info["iters_all"] * batch)
     for n in (4, 1):
-        ok, sec = cli(["export", str(dist / f"steps-{n:04d}"), "--out", str(out / f"export-{n}")], log)
+        ok, sec = cli(["export", str(dist / f"steps-{n:04d}"), "--out", str(out / f"export-{n}")], log, threads)
         info["exports"][n] = {"ok": ok, "seconds": sec}
     return info
 
@@ -276,8 +277,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=500, help="sampling batch (one generator each)")
     p.add_argument("--quick", action="store_true", help="tiny budgets for a smoke run")
     p.add_argument("--skip-train", action="store_true", help="reuse OUT/teacher-pipeline")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: safe on a busy machine; 2 on this idle 2-core machine)")
     a = p.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     import diffusers
     diffusers.utils.logging.set_verbosity_error()        # no accelerate advice; loading bars off, sampling bars kept
     diffusers.utils.logging.disable_progress_bar()
@@ -296,7 +299,7 @@ def main(argv=None) -> int:
     else:
         teacher = train_teacher(teacher_dir, steps=a.train_steps, batch=a.batch_size, lr=a.lr, warmup=a.warmup, seed=0)
     dist = distill_and_export(out, teacher_dir, iters=a.iters_per_round, factor=a.last_rounds_factor,
-                              quick=a.quick, log=log)
+                              quick=a.quick, log=log, threads=a.threads)
 
     from progdistill.data import load_data
     from progdistill.evaluate import cache_dir
@@ -326,7 +329,7 @@ def main(argv=None) -> int:
         {"settings": settings, "unet_config": UNET_CONFIG, "scheduler_config": SCHEDULER_CONFIG, "recipe": EXAMPLE,
          "teacher": teacher, "distill": dist, "floor": floor, "results": res, "targets": targets,
          "eval_seconds": eval_seconds, "seconds": total, "problems": log}, indent=1, default=str))
-    print(f"\ndone in {total:.0f} s (evaluation {eval_seconds:.0f} s, 1 thread); wrote {out / 'diffusers_bench.json'}, "
+    print(f"\ndone in {total:.0f} s (evaluation {eval_seconds:.0f} s, {a.threads} thread(s)); wrote {out / 'diffusers_bench.json'}, "
           f"{out / 'samples.png'}")
     for line in log:
         print(f"problem: {line}")
