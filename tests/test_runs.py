@@ -175,6 +175,8 @@ def test_logsnr_shift_is_carried_from_the_cli_through_distillation(tmp_path):
     d = distill(_distill_cfg(out, start_steps=4, final_steps=2, iters_per_round=2), tmp_path / "d", progress=False)
     assert read_json(d / "steps-0002" / CARD)["schedule"]["logsnr_shift"] == -1.5
     assert load(d).card.schedule.logsnr_shift == -1.5
+    assert cli.main(["train", "--data", "toy:gmm", "--out", str(out), "--iters", "3", "--resume",
+                     "--logsnr-shift", "2"]) == 2     # --resume keeps the run's schedule
 
 
 @pytest.mark.parametrize("argv, message", [

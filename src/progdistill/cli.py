@@ -107,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--dropout", type=float)
     t.add_argument("--logsnr-shift", type=float, default=0.0,
                    help="shift the cosine logSNR schedule by S (Hoogeboom et al. 2023; range kept [-20, 20]): S > 0 "
-                        "adds less noise at every t, for images smaller than 32 px; default 0, the paper's schedule")
+                        "adds less noise at every t, S < 0 more; stored in the model card; default 0, the paper's "
+                        "schedule (on 8x8 digits both signs measured worse: README)")
     t.add_argument("--ema-decay", type=float)
     t.add_argument("--no-ema-warmup", dest="ema_warmup", action="store_false",
                    help="use --ema-decay from the first step (default: min(decay, (1 + n) / (10 + n)), which stays "

@@ -32,8 +32,8 @@ def logsnr_cosine(t: torch.Tensor, logsnr_min: float = -20.0, logsnr_max: float 
                   shift: float = 0.0) -> torch.Tensor:
     """lambda(t) = s - 2 log tan(a t + b), b = arctan(e^{-(lambda_max - s)/2}), a = arctan(e^{-(lambda_min - s)/2}) - b.
 
-    s = `shift` is the shifted cosine of Hoogeboom et al. (2023): s > 0 (less noise at every t) suits
-    images smaller than the 32-64 px the cosine schedule was made for; the range stays [lambda_min, lambda_max].
+    s = `shift` is the shifted cosine of Hoogeboom et al. (2023): s > 0 adds less noise at every t, s < 0
+    more (their rule for large images: s = 2 log(64 / side)); the range stays [lambda_min, lambda_max].
     """
     b = math.atan(math.exp(-0.5 * (logsnr_max - shift)))
     a = math.atan(math.exp(-0.5 * (logsnr_min - shift))) - b

@@ -125,6 +125,8 @@ def resumed_config(saved_d: dict, cfg: TrainConfig) -> TrainConfig:
         asked, kept = getattr(cfg, name), getattr(saved, name)
         if asked is not None and asked != kept:
             raise UserError(f"--resume keeps the run's {name} ({kept}); drop --{name} {asked} or start a new run")
+    if cfg.schedule != TrainConfig().schedule and cfg.schedule != saved.schedule:
+        raise UserError(f"--resume keeps the run's schedule ({saved.schedule}); drop --logsnr-shift or start a new run")
     return dataclasses.replace(saved, time_limit=cfg.time_limit, iters=cfg.iters or saved.iters, workers=cfg.workers,
                                compile=cfg.compile)   # speed options are the resuming command's
 
