@@ -30,15 +30,16 @@ from pathlib import Path
 
 import torch
 
-from progdistill.checkpoint import load_denoiser
-from progdistill.data import load_data
-from progdistill.denoiser import Denoiser
-from progdistill.distill import init_student
-from progdistill.losses import weighted_x_loss
-from progdistill.models import PRESETS, build_network, for_data
-from progdistill.parameterization import x_pred_from_output
-from progdistill.schedules import Schedule, alpha_sigma
-from progdistill.teacher import diffusion_loss
+from progdistill.data.datasets import load_data
+from progdistill.diffusion.denoiser import Denoiser
+from progdistill.diffusion.losses import weighted_x_loss
+from progdistill.diffusion.parameterization import x_pred_from_output
+from progdistill.diffusion.schedules import Schedule, alpha_sigma
+from progdistill.nets.build import build_network
+from progdistill.nets.presets import PRESETS, for_data
+from progdistill.store.load import load_denoiser
+from progdistill.train.distill import init_student
+from progdistill.train.teacher import diffusion_loss
 
 PARAMS = ("eps", "x", "v")
 WEIGHTING = "snr_trunc"

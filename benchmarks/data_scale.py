@@ -35,7 +35,7 @@ CHUNK = 20_000
 
 def write_set(root: Path, n: int, subset: int) -> None:
     """The prepared folder (images.u8, labels.npy, header.json) and subset.npz, with plain writes."""
-    from progdistill.stream import FORMAT, HEADER, IMAGES, LABELS
+    from progdistill.data.stream import FORMAT, HEADER, IMAGES, LABELS
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     row = int(np.prod(SHAPE))
@@ -55,7 +55,7 @@ def write_set(root: Path, n: int, subset: int) -> None:
 
 def probe_reader(root: Path, reader: str, batches: int, batch: int) -> None:
     """Random batches through one reader; prints this process's peak RSS in MB."""
-    from progdistill.stream import HEADER, PreparedImages
+    from progdistill.data.stream import HEADER, PreparedImages
     head = json.loads((root / HEADER).read_text())
     ds = PreparedImages(root, head["shape"], head["count"], reader=reader)
     base = rss_mb()                       # after imports (torch alone is a few hundred MB)
@@ -114,9 +114,9 @@ def main() -> None:
 
     import torch
     torch.set_num_threads(a.threads)
-    from progdistill.config import DistillConfig, TrainConfig
-    from progdistill.distill import distill
-    from progdistill.teacher import train
+    from progdistill.train.config import DistillConfig, TrainConfig
+    from progdistill.train.distill import distill
+    from progdistill.train.teacher import train
 
     base = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="data_scale-"))
     data_dir = base / "set"

@@ -72,7 +72,7 @@ def train_teacher(dest: Path, *, steps: int, batch: int, lr: float, warmup: int,
     from diffusers.training_utils import EMAModel
     from tqdm import tqdm
 
-    from progdistill.data import load_data
+    from progdistill.data.datasets import load_data
     x = load_data("digits", split="train").x                       # (1297, 1, 8, 8) in [-1, 1]
     torch.manual_seed(seed)                                         # UNet initialisation
     unet = UNet2DModel(**UNET_CONFIG)
@@ -142,8 +142,7 @@ def to_scorer(images: np.ndarray) -> torch.Tensor:
 
 def samplers(out: Path, teacher: Path, student_rows: dict) -> list[tuple[str, int, object]]:
     """(name, NFE, make) with make() -> fn(batch, generator) -> (N, 1, 8, 8) in [-1, 1]."""
-    from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline, DiffusionPipeline,
-                           DPMSolverMultistepScheduler)
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DiffusionPipeline, DPMSolverMultistepScheduler
     from diffusers.utils.torch_utils import randn_tensor
 
     def teacher_pipe(kind: str):
@@ -301,10 +300,10 @@ def main(argv=None) -> int:
     dist = distill_and_export(out, teacher_dir, iters=a.iters_per_round, factor=a.last_rounds_factor,
                               quick=a.quick, log=log, threads=a.threads)
 
-    from progdistill.data import load_data
-    from progdistill.evaluate import cache_dir
-    from progdistill.images import side_by_side
-    from progdistill.scoring import Scorer
+    from progdistill.data.datasets import load_data
+    from progdistill.data.images import side_by_side
+    from progdistill.eval.evaluate import cache_dir
+    from progdistill.eval.scoring import Scorer
     scorer = Scorer("digits", "digits", ["fd_pixel", "fd_feature"], (1, 8, 8), num=a.num, seed=0, cache=cache_dir())
     floor = scorer(load_data("digits", split="train").x)
     student_rows = {n: dist["exports"].get(n, {"ok": False}) for n in (4, 1)} if dist.get("ok") else {}

@@ -31,17 +31,20 @@ from pathlib import Path
 
 import torch
 
-from progdistill.accel import (adamw, apply_global, compile_denoiser, count_flops, device_settings, peak_tflops,
-                               prepare_network, run_note)
-from progdistill.checkpoint import ModelCard
-from progdistill.data import Dataset
-from progdistill.denoiser import Denoiser
-from progdistill.distill import distill_batch, distillation_loss
-from progdistill.models import PRESETS, build_network, count_parameters, for_data
+from progdistill.data.datasets import Dataset
+from progdistill.diffusion.denoiser import Denoiser
+from progdistill.diffusion.schedules import Schedule
+from progdistill.eval.flops import count_flops, peak_tflops
+from progdistill.nets.build import build_network, count_parameters
+from progdistill.nets.compile import compile_denoiser
+from progdistill.nets.device import apply_global, device_settings, prepare_network, run_note
+from progdistill.nets.presets import PRESETS, for_data
 from progdistill.pipeline import generate
-from progdistill.schedules import Schedule
-from progdistill.teacher import diffusion_loss, teacher_batch
-from progdistill.training import EMA, DistInfo, MetricsLog, autocast, optimize
+from progdistill.store.card import ModelCard
+from progdistill.train.distill import distill_batch, distillation_loss
+from progdistill.train.loop import EMA, DistInfo, MetricsLog, autocast, optimize
+from progdistill.train.optim import adamw
+from progdistill.train.teacher import diffusion_loss, teacher_batch
 
 
 def _sync(dev: torch.device) -> None:

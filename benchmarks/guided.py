@@ -33,16 +33,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from progdistill.checkpoint import CARD, read_json, steps_folder_name, write_json
-from progdistill.cond_eval import METRICS as SCORED, NAMES, STEPS, WS, evaluate_guided, teacher_steps
-from progdistill.config import DistillConfig
-from progdistill.distill import distill
+from progdistill.demo.guided import FULL, QUICK, run_guided_demo
 from progdistill.errors import UserError
-from progdistill.evaluate import cache_dir, resolve_run
-from progdistill.guided_demo import FULL, QUICK, run_guided_demo
+from progdistill.eval.evaluate import cache_dir, resolve_run
+from progdistill.eval.guided import METRICS as SCORED
+from progdistill.eval.guided import NAMES, STEPS, WS, evaluate_guided, teacher_steps
+from progdistill.eval.report import locate
+from progdistill.eval.scoring import Scorer
 from progdistill.pipeline import load
-from progdistill.report import locate
-from progdistill.scoring import Scorer
+from progdistill.store.atomic import write_json
+from progdistill.store.card import CARD, read_json, steps_folder_name
+from progdistill.train.config import DistillConfig
+from progdistill.train.distill import distill
 
 QUICK_BUDGET = dataclasses.replace(QUICK, start_steps=16)   # tiny models, but students at 8, 4, 2 and 1 steps
 METRICS = ["fd_feature", "fd_pixel", "precision", "recall", "class_acc", "psnr_teacher"]

@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from progdistill.checkpoint import CARD, read_json, write_json
-from progdistill.data import load_data
-from progdistill.evaluate import cache_dir, evaluate, resolve_run, teacher_samples
-from progdistill.scoring import Scorer
+from progdistill.data.datasets import load_data
+from progdistill.eval.evaluate import cache_dir, evaluate, resolve_run, teacher_samples
+from progdistill.eval.report import locate
+from progdistill.eval.scoring import Scorer
 from progdistill.pipeline import load
-from progdistill.report import locate
+from progdistill.store.atomic import write_json
+from progdistill.store.card import CARD, read_json
 
 TEACHER_FLOOR_N = 1297   # the training split's size: floor and teacher check use the same n
 

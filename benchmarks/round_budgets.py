@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from progdistill.evaluate import evaluate
+from progdistill.eval.evaluate import evaluate
 
 STEPS = (1, 2, 4, 8)
 BASELINES = ("ddim", "dpmpp2m", "ancestral")

@@ -19,15 +19,16 @@ from pathlib import Path
 
 import torch
 
-from progdistill.checkpoint import CARD, ModelCard, read_json
-from progdistill.data import load_data
-from progdistill.denoiser import Denoiser
-from progdistill.distill import distill_batch, distillation_loss, init_student
-from progdistill.models import PRESETS, build_network
+from progdistill.data.datasets import load_data
+from progdistill.diffusion.denoiser import Denoiser
+from progdistill.diffusion.schedules import Schedule
+from progdistill.nets.build import build_network
+from progdistill.nets.presets import PRESETS
 from progdistill.pipeline import generate
-from progdistill.schedules import Schedule
-from progdistill.teacher import diffusion_loss, teacher_batch
-from progdistill.training import EMA
+from progdistill.store.card import CARD, ModelCard, read_json
+from progdistill.train.distill import distill_batch, distillation_loss, init_student
+from progdistill.train.loop import EMA
+from progdistill.train.teacher import diffusion_loss, teacher_batch
 
 
 def _time(fn, iters: int, warmup: int = 3) -> float:

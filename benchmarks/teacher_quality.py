@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from progdistill.data import load_data
-from progdistill.evaluate import cache_dir
+from progdistill.data.datasets import load_data
+from progdistill.eval.evaluate import cache_dir
+from progdistill.eval.scoring import Scorer
 from progdistill.pipeline import load
-from progdistill.scoring import Scorer
 
 N_SAMPLES = 1297            # the training split's size
 PIXEL_TARGET, FEATURE_TARGET, MEMO_TARGET = 1.2, 1.5, 0.9

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from progdistill.config import TrainConfig
-from progdistill.metrics import energy_distance, sliced_wasserstein
+from progdistill.data.toy import gmm_mode_share, sample_toy, toy_log_density
+from progdistill.eval.metrics import energy_distance, sliced_wasserstein
 from progdistill.pipeline import load
-from progdistill.teacher import train
-from progdistill.toy import gmm_mode_share, sample_toy, toy_log_density
+from progdistill.train.config import TrainConfig
+from progdistill.train.teacher import train
 
 MODE_SHARE_TARGET = 0.97
 

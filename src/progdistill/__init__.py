@@ -5,12 +5,12 @@
     x = model.sample(num=16, seed=0)
 """
 
-__version__ = "0.1.0"
+from progdistill.version import __version__
 
 
 def __getattr__(name):  # lazy: `import progdistill` stays cheap; torch/diffusers load on first use
     if name in ("load", "Model", "generate"):
-        from . import pipeline
+        from progdistill import pipeline
         return getattr(pipeline, name)
     raise AttributeError(f"module 'progdistill' has no attribute {name!r}")
 

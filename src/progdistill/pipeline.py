@@ -6,7 +6,7 @@
 
 Sample k's initial noise (and ancestral or stochastic re-noising noise, each its own stream) comes
 from its own generator seeded by (seed, k), so sample k is the same whatever the batch size or
-number of processes. `guidance=w` applies classifier-free guidance (guidance.py): a guidable
+number of processes. `guidance=w` applies classifier-free guidance (diffusion/guided.py, store/guided.py): a guidable
 class-conditional teacher costs 2 evaluations per step at w > 0, a guidance-distilled student 1. Pass
 `noise=z` (shape (num, *data shape)) to start from given initial noise instead, e.g. to reproduce
 a diffusers pipeline call; the ancestral sampler's per-step noise still comes from the seeds.
@@ -20,14 +20,22 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import ModelCard, load_denoiser
-from .checkpoint import num_classes as card_num_classes
-from .denoiser import Denoiser
-from .errors import UserError
-from .normalize import Normalizer
-from .guidance import guided_denoiser
-from .sampling import SAMPLERS, check_num_steps, sample_ancestral, sample_ddim, sample_dpmpp_2m, sample_stochastic
-from .seeds import PerSampleNoise, sample_seeds, seed_for
+from progdistill.data.normalize import Normalizer
+from progdistill.diffusion.denoiser import Denoiser
+from progdistill.diffusion.sampling import (
+    SAMPLERS,
+    check_num_steps,
+    sample_ancestral,
+    sample_ddim,
+    sample_dpmpp_2m,
+    sample_stochastic,
+)
+from progdistill.errors import UserError
+from progdistill.seeds import PerSampleNoise, sample_seeds, seed_for
+from progdistill.store.card import ModelCard
+from progdistill.store.card import num_classes as card_num_classes
+from progdistill.store.guided import guided_denoiser
+from progdistill.store.load import load_denoiser
 
 
 def class_labels_for(card: ModelCard, indices: range | list[int], class_label: int | None) -> torch.Tensor | None:
@@ -156,7 +164,7 @@ def load(path: str | Path, *, device: str | torch.device | None = None, which: s
     """Load any progdistill model folder or run in one call (EMA weights for teachers).
 
     On CUDA the network is put in channels_last; `compile` ("inductor", ...) torch.compiles its call.
-    Process-wide settings (TF32) are left to the caller: `accel.apply_global`."""
+    Process-wide settings (TF32) are left to the caller: `nets.device.apply_global`."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     denoiser, card = load_denoiser(Path(path), which=which, device=device, compile=compile)
     return Model(denoiser, card, Path(path), device)

@@ -10,6 +10,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from progdistill.errors import UserError
+
+SEED_LIMIT = 2 ** 32     # seeds are 32-bit words: [0, 2^32)
+
+
+def check_seed(seed, option: str = "--seed") -> int:
+    """`seed` as an int in [0, 2^32); a one-line UserError otherwise (numpy's SeedSequence rejects negatives)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise UserError(f"{option} must be a whole number in [0, 2^32), got {seed!r}")
+    return seed
+
 
 def seed_for(*keys: int) -> int:
     """A well-mixed 63-bit seed from integer keys (seed, step, ...)."""

@@ -1,0 +1,1 @@
+"""Data sources, prepared (streamed) data, normalisation and image files."""

@@ -1,0 +1,1 @@
+"""The demos: the whole method on built-in digits, plain and guided."""

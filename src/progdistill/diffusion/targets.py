@@ -1,0 +1,55 @@
+"""The targets of distillation, as pure functions of a frozen teacher (docs/method.md §6, §9).
+
+Algorithm 2: two teacher DDIM steps t -> t' -> t'' and the x~ whose single student step from t lands
+on z_t''; guidance distillation (stage 1): the guided teacher's x^w(z_t, c)."""
+
+from __future__ import annotations
+
+import torch
+
+from progdistill.diffusion.guided import GuidedDenoiser
+from progdistill.diffusion.sampling import ddim_step
+from progdistill.diffusion.schedules import Schedule, alpha_sigma, per_example
+
+
+def x_target(z_t: torch.Tensor, z_t2: torch.Tensor, *, logsnr_t: torch.Tensor, logsnr_t2: torch.Tensor) -> torch.Tensor:
+    """x~ = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t): one DDIM step from t lands on z_t''."""
+    alpha_t, sigma_t = alpha_sigma(per_example(logsnr_t, z_t))
+    alpha_t2, sigma_t2 = alpha_sigma(per_example(logsnr_t2, z_t))
+    ratio = sigma_t2 / sigma_t
+    return (z_t2 - ratio * z_t) / (alpha_t2 - ratio * alpha_t)
+
+
+@torch.no_grad()
+def two_teacher_steps(teacher, z_t: torch.Tensor, *, logsnr_t: torch.Tensor, logsnr_t1: torch.Tensor,
+                      logsnr_t2: torch.Tensor, class_labels: torch.Tensor | None = None):
+    """Two unclipped teacher DDIM steps t -> t' -> t''; returns (z_t'', x_eta(z_t'))."""
+    x_1 = teacher(z_t, logsnr_t, class_labels)
+    z_t1 = ddim_step(z_t, x_1, logsnr_t=logsnr_t, logsnr_s=logsnr_t1)
+    x_2 = teacher(z_t1, logsnr_t1, class_labels)
+    z_t2 = ddim_step(z_t1, x_2, logsnr_t=logsnr_t1, logsnr_s=logsnr_t2)
+    return z_t2, x_2
+
+
+@torch.no_grad()
+def distillation_target(teacher, z_t: torch.Tensor, *, i: torch.Tensor, num_steps: int, schedule: Schedule,
+                        class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """x~ for a student taking `num_steps` (N) steps at t = i/N, from teacher steps t' = t - 0.5/N, t'' = t - 1/N.
+
+    At i = 1 (t'' = 0) the target is the teacher's second x prediction, as in the released code.
+    """
+    t = i.double() / num_steps      # float64 logSNR: the teacher's time input stays exact (docs/method.md §8)
+    logsnr_t = schedule.logsnr(t)
+    logsnr_t1 = schedule.logsnr(t - 0.5 / num_steps)
+    logsnr_t2 = schedule.logsnr(t - 1.0 / num_steps)
+    z_t2, x_2 = two_teacher_steps(teacher, z_t, logsnr_t=logsnr_t, logsnr_t1=logsnr_t1, logsnr_t2=logsnr_t2,
+                                  class_labels=class_labels)
+    target = x_target(z_t, z_t2, logsnr_t=logsnr_t.to(z_t.dtype), logsnr_t2=logsnr_t2.to(z_t.dtype))
+    return torch.where(per_example(i == 1, z_t), x_2, target)
+
+
+@torch.no_grad()
+def guidance_target(teacher, z_t: torch.Tensor, *, logsnr_t: torch.Tensor, class_labels: torch.Tensor,
+                    w: torch.Tensor, null_label: int) -> torch.Tensor:
+    """x^w_theta(z_t, c) = (1 + w) x_theta(z_t, c) - w x_theta(z_t, null), w per example (the stage-1 target)."""
+    return GuidedDenoiser(teacher, w=w, null_label=null_label)(z_t, logsnr_t, class_labels)

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, FID, scoring, the evaluation runner, reports, guided evaluation."""

@@ -1,0 +1,1 @@
+"""What is on disk: model cards, model folders, training states, atomic writes, loading, the diffusers reader."""
