@@ -22,14 +22,8 @@ import torch
 
 from progdistill.data.normalize import Normalizer
 from progdistill.diffusion.denoiser import Denoiser
-from progdistill.diffusion.sampling import (
-    SAMPLERS,
-    check_num_steps,
-    sample_ancestral,
-    sample_ddim,
-    sample_dpmpp_2m,
-    sample_stochastic,
-)
+from progdistill.diffusion.sampling import (SAMPLERS, check_num_steps, sample_ancestral, sample_ddim,
+                                            sample_dpmpp_2m, sample_stochastic)
 from progdistill.errors import UserError
 from progdistill.seeds import PerSampleNoise, sample_seeds, seed_for
 from progdistill.store.card import ModelCard

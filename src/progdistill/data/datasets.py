@@ -21,17 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from progdistill.data.cifar10 import read_cifar10
-from progdistill.data.folder import (
-    GRAY_MODES,
-    FolderImages,
-    folder_note,
-    folder_side,
-    has_colour,
-    image_header,
-    list_images,
-    read_image,
-    to_channels,
-)
+from progdistill.data.folder import (GRAY_MODES, FolderImages, folder_note, folder_side, has_colour, image_header,
+                                     list_images, read_image, to_channels)
 from progdistill.data.stream import LABELS, PreparedImages, decode, read_header
 from progdistill.data.toy import TOY_NAMES, sample_toy, toy_name
 from progdistill.errors import UserError, one_line, require_path

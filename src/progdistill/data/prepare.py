@@ -22,15 +22,8 @@ from tqdm.auto import tqdm
 
 from progdistill.data.cifar10 import cifar10_batches
 from progdistill.data.datasets import SPLITS, _check_shape_options, _digits, conform_images
-from progdistill.data.folder import (
-    folder_note,
-    folder_side,
-    has_colour,
-    image_header,
-    list_images,
-    read_image,
-    to_channels,
-)
+from progdistill.data.folder import (folder_note, folder_side, has_colour, image_header, list_images, read_image,
+                                     to_channels)
 from progdistill.data.stream import FORMAT, HEADER, IMAGES, LABELS, decode
 from progdistill.errors import UserError, one_line, require_path
 

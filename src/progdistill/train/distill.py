@@ -41,16 +41,8 @@ from progdistill.store.guided import check_guidable
 from progdistill.store.load import load_denoiser, resolved_teacher
 from progdistill.store.states import latest_state, load_state, rotate_states, state_name
 from progdistill.train.config import DistillConfig, from_dict, to_dict
-from progdistill.train.loop import (
-    EMA,
-    MetricsLog,
-    gathered_rng_states,
-    init_distributed,
-    local_slice,
-    lr_linear_decay,
-    optimize,
-    set_rng_state,
-)
+from progdistill.train.loop import (EMA, MetricsLog, gathered_rng_states, init_distributed, local_slice,
+                                    lr_linear_decay, optimize, set_rng_state)
 from progdistill.train.optim import adamw, load_optimizer_state, warn_bf16
 from progdistill.version import __version__
 

@@ -27,17 +27,8 @@ from progdistill.store.card import CARD, PUBLIC, ModelCard, read_json
 from progdistill.store.folders import save_model_folder
 from progdistill.store.states import latest_state, load_state, rotate_states, state_name
 from progdistill.train.config import TrainConfig, from_dict, to_dict
-from progdistill.train.loop import (
-    EMA,
-    MetricsLog,
-    gathered_rng_states,
-    init_distributed,
-    local_slice,
-    lr_warmup_constant,
-    lr_warmup_cosine,
-    optimize,
-    set_rng_state,
-)
+from progdistill.train.loop import (EMA, MetricsLog, gathered_rng_states, init_distributed, local_slice,
+                                    lr_warmup_constant, lr_warmup_cosine, optimize, set_rng_state)
 from progdistill.train.optim import adamw, load_optimizer_state, warn_bf16
 from progdistill.version import __version__
 

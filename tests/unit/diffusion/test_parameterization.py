@@ -8,16 +8,8 @@ from torch import nn
 
 from progdistill.diffusion.denoiser import Denoiser
 from progdistill.diffusion.losses import loss_weight, mean_flat, weighted_x_loss
-from progdistill.diffusion.parameterization import (
-    check_param,
-    eps_from_x,
-    output_channels,
-    v_from_x_eps,
-    x_from_both,
-    x_from_eps,
-    x_from_v,
-    x_pred_from_output,
-)
+from progdistill.diffusion.parameterization import (check_param, eps_from_x, output_channels, v_from_x_eps,
+                                                    x_from_both, x_from_eps, x_from_v, x_pred_from_output)
 from progdistill.diffusion.schedules import Schedule, alpha_sigma
 from progdistill.errors import UserError
 

@@ -12,16 +12,8 @@ import pytest
 import torch
 from gaussian import GaussianDenoiser
 
-from progdistill.diffusion.sampling import (
-    ancestral_step,
-    check_num_steps,
-    ddim_step,
-    halve_grid,
-    sample_ancestral,
-    sample_ddim,
-    sample_dpmpp_2m,
-    time_grid,
-)
+from progdistill.diffusion.sampling import (ancestral_step, check_num_steps, ddim_step, halve_grid, sample_ancestral,
+                                            sample_ddim, sample_dpmpp_2m, time_grid)
 from progdistill.diffusion.schedules import Schedule, alpha_sigma
 from progdistill.errors import UserError
 

@@ -10,15 +10,8 @@ import pytest
 import torch
 
 from progdistill.diffusion.sampling import time_grid
-from progdistill.diffusion.schedules import (
-    NUM_TRAIN_TIMESTEPS,
-    Schedule,
-    abar_from_betas,
-    alpha_sigma,
-    linear_betas,
-    logsnr_cosine,
-    t_from_logsnr_cosine,
-)
+from progdistill.diffusion.schedules import (NUM_TRAIN_TIMESTEPS, Schedule, abar_from_betas, alpha_sigma,
+                                             linear_betas, logsnr_cosine, t_from_logsnr_cosine)
 from progdistill.errors import UserError
 
 T = NUM_TRAIN_TIMESTEPS
