@@ -13,7 +13,7 @@ at --precision (default bf16) on one device:
 3. DDIM sampling images/s at --sample-steps steps, under the precision's autocast and in float32 (what
    `progdistill sample` runs; TF32 matmuls on CUDA);
 4. model FLOPs per training step and per sampling evaluation (torch.utils.flop_counter, attention
-   included: accel.count_flops) and MFU against the device's dense bf16 peak (accel.DENSE_BF16_TFLOPS;
+   included: eval.flops.count_flops) and MFU against the device's dense bf16 peak (eval.flops.DENSE_BF16_TFLOPS;
    n/a on the CPU; --peak-tflops overrides);
 5. with --compare-layout, an eager training step in NCHW and in channels_last.
 """

@@ -8,8 +8,8 @@
 
 The run: `--distill RUN2` (a guided distillation run or a demo folder), else OUT/distill when it is a finished
 guided distillation (e.g. `progdistill demo --guided --out OUT`), else it is made with the demo's budgets
-(guided_demo.FULL, about 500 s: teacher with label dropout 0.1, stage 1, rounds 64 -> 1; `--teacher RUN`
-distils that teacher instead). Then, for each seed set, cond_eval.evaluate_guided scores `--num` samples per
+(demo.guided.FULL, about 500 s: teacher with label dropout 0.1, stage 1, rounds 64 -> 1; `--teacher RUN`
+distils that teacher instead). Then, for each seed set, eval.guided.evaluate_guided scores `--num` samples per
 (method, N, w), w in {0, 0.5, 1, 2, 4}: the guided student (N-step DDIM and stochastic), the guided
 teacher's DDIM and DPM-Solver++(2M) at equal NFE (N/2 guided steps of 2 evaluations; N steps at w = 0) and
 the guided teacher's 256-step DDIM (512 NFE; 256 at w = 0, conditional) as the reference, cached per w and

@@ -25,7 +25,7 @@ from progdistill.diffusion.denoiser import Denoiser
 from progdistill.diffusion.sampling import (SAMPLERS, check_num_steps, sample_ancestral, sample_ddim,
                                             sample_dpmpp_2m, sample_stochastic)
 from progdistill.errors import UserError
-from progdistill.seeds import PerSampleNoise, sample_seeds, seed_for
+from progdistill.seeds import PerSampleNoise, check_seed, sample_seeds, seed_for
 from progdistill.store.card import ModelCard
 from progdistill.store.card import num_classes as card_num_classes
 from progdistill.store.guided import guided_denoiser
@@ -75,8 +75,9 @@ def generate(denoiser: Denoiser, card: ModelCard, *, steps: int, num: int | None
     `noise` (num, *data shape): the initial noise z_1 of those samples (row i is sample start+i)
     instead of the seeded one; `num` then follows it. Batches slice it, so results do not depend on
     `batch_size`. Ancestral and stochastic per-step noise still come from the per-sample seeds.
-    `guidance`: w >= 0 (None: the model as it is); see `guidance.guided_denoiser`.
+    `guidance`: w >= 0 (None: the model as it is); see `guidance.guided_denoiser`. `seed` lies in [0, 2^32).
     """
+    seed = check_seed(seed, "seed")
     check_num_steps(steps)
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")

@@ -77,3 +77,14 @@ def test_noise_errors_are_one_line(model):
     with pytest.raises(UserError, match="num=3 but noise holds 4 samples") as e:
         model.sample(num=3, steps=1, noise=z)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 32, 0.5])
+def test_seed_out_of_range_is_one_line(model, seed):
+    """issue 15, item 9: `--seed -1` used to end in a traceback from numpy's SeedSequence."""
+    for call in (lambda: model.sample(num=2, steps=2, seed=seed),
+                 lambda: generate(model.denoiser, model.card, steps=2, num=2, seed=seed)):
+        with pytest.raises(UserError) as e:
+            call()
+        assert "seed" in str(e.value) and "[0, 2^32)" in str(e.value) and "\n" not in str(e.value)
+    assert model.sample(num=1, steps=1, seed=2 ** 32 - 1).shape == (1, *SHAPE)

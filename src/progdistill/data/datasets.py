@@ -26,6 +26,7 @@ from progdistill.data.folder import (GRAY_MODES, FolderImages, folder_note, fold
 from progdistill.data.stream import LABELS, PreparedImages, decode, read_header
 from progdistill.data.toy import TOY_NAMES, sample_toy, toy_name
 from progdistill.errors import UserError, one_line, require_path
+from progdistill.seeds import check_seed
 
 SCHEMES = ("digits", "toy:NAME", "folder:PATH", "npz:PATH", "cifar10:PATH", "prepared:DIR")
 SPLITS = ("train", "heldout", "test", "all")  # "test" is an alias of "heldout"
@@ -256,13 +257,20 @@ def _load_cifar10(spec: str, root: Path, split: str, resolution: int | None, cha
 
 
 # ------------------------------------------------------------------------------ prepared
-def _load_prepared(spec: str, root: Path, split: str, resolution: int | None, channels: int | None) -> Dataset:
-    """A folder written by `progdistill prepare`: uint8 on disk, read per batch."""
+def _load_prepared(spec: str, root: Path, split: str, resolution: int | None, channels: int | None,
+                   reference: bool = False) -> Dataset:
+    """A folder written by `progdistill prepare`: uint8 on disk, read per batch. A held-out folder is
+    refused as training data ("train"), unless only read as a `reference` for scoring."""
     _check_shape_options(spec, resolution, channels)
     head = read_header(spec, root)
-    if split == "heldout" and head["split"] != "heldout":
-        raise UserError(f"{spec}: holds the {head['split']!r} split, not 'heldout'; "
+    held = head.get("split")
+    if split == "heldout" and held != "heldout":
+        raise UserError(f"{spec}: holds the {held!r} split, not 'heldout'; "
                         f"prepare held-out data into another folder (--split heldout)")
+    if split == "train" and held == "heldout" and not reference:
+        raise UserError(f"{spec}: holds a held-out split (prepared with --split heldout), which evaluation scores "
+                        f"against, so it cannot train a model; prepare the training split with "
+                        f"`progdistill prepare --split train` and train on that")
     c, h, w = head["shape"]
     if (resolution not in (None, h) or h != w) or channels not in (None, c):
         raise UserError(f"{spec}: holds {c}x{h}x{w} images, not {channels or c}x{resolution or h}x{resolution or w}; "
@@ -276,15 +284,20 @@ def _load_prepared(spec: str, root: Path, split: str, resolution: int | None, ch
 
 # ---------------------------------------------------------------------------------- API
 def load_data(spec: str, *, split: str = "train", resolution: int | None = None,
-              channels: int | None = None, seed: int = 0) -> Dataset:
+              channels: int | None = None, seed: int = 0, reference: bool = False) -> Dataset:
     """Load the data set named by ``spec`` (see module docstring).
 
     ``split`` is "train", "heldout" (alias "test") or "all". Images keep their own shape
     (``folder:``: the most common size, 3 channels if any image has colour, else 1) unless
     ``resolution``/``channels`` ask for another; ``Dataset.note`` then names the conversion in
-    one line. They do not apply to vectors. ``seed`` only affects ``toy:`` draws; the digits
-    hold-out split is fixed.
+    one line. They do not apply to vectors. ``seed`` (in [0, 2^32)) only affects ``toy:`` draws; the
+    digits hold-out split is fixed.
+
+    ``split="train"`` is what training reads: a prepared folder of a held-out split is refused (evaluation
+    would score against the data the model trained on). ``reference=True`` says the data only serves as
+    a reference for scoring (evaluation's FID statistics of the "train" split), and reads it as it is.
     """
+    check_seed(seed)
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     split = "heldout" if split == "test" else split
@@ -299,6 +312,8 @@ def load_data(spec: str, *, split: str = "train", resolution: int | None = None,
     if scheme in loaders and sep:
         if not arg:
             raise UserError(f"{spec}: missing path; write {scheme}:PATH")
+        if scheme == "prepared":
+            return _load_prepared(spec, Path(arg).expanduser(), split, resolution, channels, reference)
         return loaders[scheme](spec, Path(arg).expanduser(), split, resolution, channels)
     raise UserError(f"unknown data spec {spec!r}; use one of {', '.join(SCHEMES)} "
                     f"(toy names: {', '.join(TOY_NAMES)})")

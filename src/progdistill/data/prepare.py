@@ -263,7 +263,8 @@ def prepare(spec: str, out: str | Path, *, split: str = "train", resolution: int
     if note:
         log(f"data: {note}")
     log(f"prepared {count} x {tuple(shape)} uint8 images ({count * int(np.prod(shape)) / 1e6:.1f} MB) "
-        f"from {spec} ({split}) into {out}; train with --data prepared:{out}")
+        f"from {spec} ({split}) into {out}; "
+        + (f"evaluate against it with --data prepared:{out}" if split == "heldout" else f"train with --data prepared:{out}"))
     return out
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from progdistill.errors import UserError, require_path
-from progdistill.seeds import generator_for
+from progdistill.seeds import check_seed, generator_for
 
 FORMAT = "progdistill-prepared/1"
 HEADER, IMAGES, LABELS = "header.json", "images.u8", "labels.npy"
@@ -111,7 +111,9 @@ def part_bounds(part: slice, batch_size: int) -> tuple[int, int]:
 def chunk_noise(keys: tuple[int, ...], part: slice, batch_size: int, shape: tuple[int, ...]) -> torch.Tensor:
     """Gaussian noise for examples part of a global batch: chunk c of NOISE_CHUNK examples comes from
     generator_for(*keys, NOISE_KEY, c), so a process draws only the chunks its part touches and the
-    noise of example k never depends on how the batch is split across processes or micro-batches."""
+    noise of example k never depends on how the batch is split across processes or micro-batches.
+    keys[0] is the run's seed, checked to lie in [0, 2^32)."""
+    check_seed(keys[0])
     start, stop = part_bounds(part, batch_size)
     if stop <= start:
         return torch.empty((0, *shape))

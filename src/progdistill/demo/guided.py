@@ -13,6 +13,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+from progdistill.eval.guided import evaluate_guided, table, write_guided_report
 from progdistill.store.atomic import write_json
 from progdistill.store.card import CARD, read_json, steps_folder_name
 from progdistill.train.config import DistillConfig, TrainConfig
@@ -32,7 +33,7 @@ class GuidedBudget:
     ref_steps: int
     ws: tuple
     steps: tuple
-    minutes: tuple          # wall-clock limits: teacher, guided distillation (stage 1 + 2)
+    minutes: tuple          # wall-clock limits: teacher, guided distillation (stage 1 + 2); None: none
     model_overrides: dict = dataclasses.field(default_factory=dict)
 
 
@@ -44,14 +45,32 @@ QUICK = GuidedBudget(teacher_iters=40, guided_iters=6, iters_per_round=3, last_r
                      model_overrides={"block_out_channels": (8, 16), "norm_num_groups": 8, "attention_levels": ()})
 
 
-def run_guided_demo(out: Path = Path("runs/demo-guided"), quick: bool = False, seed: int = 0,
-                    num_eval: int | None = None, budget: GuidedBudget | None = None) -> list[dict]:
-    """Teacher, stage 1 + 2, grids, table and report into `out`; finished stages are reused.
-    `budget` replaces FULL / QUICK (benchmarks/guided.py's quick mode distils from 16 steps)."""
-    from progdistill.eval.guided import evaluate_guided, table, write_guided_report
+def choose_budget(quick: bool = False, budget: GuidedBudget | None = None, *, num_eval: int | None = None,
+                  teacher_iters: int | None = None, iters_per_round: int | None = None,
+                  last_rounds_factor: float | None = None) -> GuidedBudget:
+    """FULL / QUICK (or `budget`) with the demo's overrides; explicit budgets run to completion (no time
+    limit on that stage), as in the plain demo."""
     b = budget or (QUICK if quick else FULL)
     if num_eval is not None:
         b = dataclasses.replace(b, num_eval=num_eval)
+    if teacher_iters is not None:
+        b = dataclasses.replace(b, teacher_iters=teacher_iters, minutes=(None, b.minutes[1]))
+    if iters_per_round is not None:
+        b = dataclasses.replace(b, iters_per_round=iters_per_round, minutes=(b.minutes[0], None))
+    if last_rounds_factor is not None:
+        b = dataclasses.replace(b, last_rounds_factor=last_rounds_factor)
+    return b
+
+
+def run_guided_demo(out: Path = Path("runs/demo-guided"), quick: bool = False, seed: int = 0,
+                    num_eval: int | None = None, budget: GuidedBudget | None = None, *,
+                    teacher_iters: int | None = None, iters_per_round: int | None = None,
+                    last_rounds_factor: float | None = None) -> list[dict]:
+    """Teacher, stage 1 + 2, grids, table and report into `out`; finished stages are reused.
+    `budget` replaces FULL / QUICK (benchmarks/guided.py's quick mode distils from 16 steps); the keyword
+    overrides are the plain demo's (`num_eval` 0 skips evaluation and the report)."""
+    b = choose_budget(quick, budget, num_eval=num_eval, teacher_iters=teacher_iters, iters_per_round=iters_per_round,
+                      last_rounds_factor=last_rounds_factor)
     out, t0 = Path(out), time.time()
     teacher_dir, distill_dir = out / "teacher", out / "distill"
     card = read_json(teacher_dir / CARD) if (teacher_dir / CARD).is_file() else {}
@@ -79,6 +98,10 @@ def run_guided_demo(out: Path = Path("runs/demo-guided"), quick: bool = False, s
             print("[demo] time limit reached: run the same command again to resume")
             return []
     t2 = time.time()
+    if b.num_eval < 1:
+        print(f"[demo] 3/4 evaluation and report skipped (--num-eval 0); done in {t2 - t0:.0f} s, guided "
+              f"distillation in {distill_dir}")
+        return []
     print(f"[demo] 3/4 evaluating: w in {list(b.ws)}, N in {list(b.steps)}, {b.num_eval} samples per cell, "
           f"guided teacher DDIM {b.ref_steps} as the reference")
     records = evaluate_guided(distill_dir, ws=b.ws, steps=b.steps, num=b.num_eval, seed=seed, ref_steps=b.ref_steps)

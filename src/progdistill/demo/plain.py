@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from progdistill.data.images import side_by_side
+from progdistill.eval.report import demo_evaluation
 from progdistill.pipeline import load
 from progdistill.store.card import CARD, read_json, steps_folder_name
 from progdistill.train.config import DistillConfig, TrainConfig
@@ -109,13 +110,11 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, seed: int = 0, 
     paths = write_grids(teacher_dir, distill_dir, out, budget, seed)
     print(f"[demo]     {len(paths)} grids in {out / 'grids'}")
     t3 = time.time()
-    try:
-        from progdistill.eval.report import demo_evaluation
-    except ImportError:
-        demo_evaluation = None
-    if demo_evaluation is not None and budget.num_eval > 0:
+    if budget.num_eval > 0:
         print(f"[demo] 4/4 evaluating ({budget.num_eval} samples per sampler) and writing the report")
         demo_evaluation(distill_dir, out, num=budget.num_eval, seed=seed, quick=quick)
+    else:
+        print("[demo] 4/4 evaluation skipped (--num-eval 0)")
     t4 = time.time()
     print(f"[demo] done in {t4 - t0:.0f} s (teacher {t1 - t0:.0f} s, distillation {t2 - t1:.0f} s, "
           f"grids {t3 - t2:.0f} s, evaluation {t4 - t3:.0f} s); outputs in {out}")

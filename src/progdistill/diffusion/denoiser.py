@@ -26,12 +26,12 @@ class Denoiser(nn.Module):
         self.net = net
         self.schedule = schedule
         self.param = check_param(param)
-        self.call_net = None     # a torch.compile'd call of self.net (accel.compile_denoiser), or None
+        self.call_net = None     # a torch.compile'd call of self.net (nets.compile.compile_denoiser), or None
 
     def raw_output(self, z_t: torch.Tensor, logsnr_t: torch.Tensor, class_labels: torch.Tensor | None = None,
                    w: torch.Tensor | None = None) -> torch.Tensor:
         tau = self.schedule.time_input(logsnr_t).to(z_t.device)
-        extra = {} if w is None else {"w": w}     # guidance strength, for w-conditioned networks (guided_net.py)
+        extra = {} if w is None else {"w": w}     # guidance strength, for w-conditioned networks (nets/guided.py)
         out = (self.call_net or self.net)(z_t, tau, class_labels=class_labels, **extra)
         return out.sample if hasattr(out, "sample") else out
 

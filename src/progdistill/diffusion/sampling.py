@@ -1,4 +1,5 @@
-"""Samplers over a time grid built once (docs/method.md §4, §9): DDIM, ancestral, DPM-Solver++(2M), stochastic.
+"""Samplers over a time grid built once: DDIM, ancestral (docs/method.md §4), DPM-Solver++(2M) (§12),
+stochastic (§9).
 
 Every sampler has one signature: `sample_x(denoiser, z_1, *, schedule, num_steps, ...)` where
 `denoiser(z_t, logsnr_t, class_labels) -> x_pred` and z_1 is the initial noise. Randomness is
@@ -30,9 +31,12 @@ def check_num_steps(num_steps: int) -> int:
     return int(num_steps)
 
 
-def time_grid(num_steps: int) -> torch.Tensor:
-    """t_i = i / N for i = N, ..., 0 (float64, descending); samplers walk consecutive pairs."""
+def time_grid(num_steps: int, schedule: Schedule | None = None) -> torch.Tensor:
+    """t_N, ..., t_0 (float64, descending): i / N, or the schedule's own grid (whole timesteps k_i / T for an
+    imported table, docs/method.md §10); samplers walk consecutive pairs."""
     n = check_num_steps(num_steps)
+    if schedule is not None:
+        return schedule.time_grid(n)
     return torch.arange(n, -1, -1, dtype=torch.float64) / n
 
 
@@ -42,7 +46,7 @@ def halve_grid(grid: torch.Tensor) -> torch.Tensor:
 
 
 def ddim_step(z_t: torch.Tensor, x_pred: torch.Tensor, *, logsnr_t: torch.Tensor, logsnr_s: torch.Tensor) -> torch.Tensor:
-    """z_s = alpha_s x_pred + sigma_s (z_t - alpha_t x_pred) / sigma_t (deterministic DDIM)."""
+    """z_s = alpha_s x_pred + sigma_s (z_t - alpha_t x_pred) / sigma_t (DDIM, docs/method.md §4)."""
     alpha_t, sigma_t = alpha_sigma(per_example(logsnr_t, z_t, cast=True))
     alpha_s, sigma_s = alpha_sigma(per_example(logsnr_s, z_t, cast=True))
     return alpha_s * x_pred + sigma_s * eps_from_x(z_t, x_pred, alpha_t, sigma_t)
@@ -67,7 +71,7 @@ def ancestral_step(z_t: torch.Tensor, x_pred: torch.Tensor, noise: torch.Tensor,
 def renoise_step(z_k: torch.Tensor, noise: torch.Tensor, *, logsnr_k: torch.Tensor,
                  logsnr_s: torch.Tensor) -> torch.Tensor:
     """z_s ~ q(z_s | z_k), s later than k (lambda_s < lambda_k): (alpha_s / alpha_k) z_k + sigma_{s|k} eps,
-    sigma_{s|k}^2 = (1 - e^{lambda_s - lambda_k}) sigma_s^2 (the forward process from k to s)."""
+    sigma_{s|k}^2 = (1 - e^{lambda_s - lambda_k}) sigma_s^2 (the forward process from k to s; docs/method.md §9)."""
     lk, ls = per_example(logsnr_k, z_k, cast=True), per_example(logsnr_s, z_k, cast=True)
     alpha_k, _ = alpha_sigma(lk)
     alpha_s, sigma_s = alpha_sigma(ls)
@@ -86,7 +90,7 @@ def _predict(denoiser: DenoiserFn, z: torch.Tensor, logsnr: torch.Tensor, class_
 
 
 def _pairs(schedule: Schedule, num_steps: int, progress: bool, desc: str):
-    logsnr = schedule.logsnr(time_grid(num_steps))
+    logsnr = schedule.logsnr(time_grid(num_steps, schedule))
     pairs = list(zip(logsnr[:-1], logsnr[1:]))
     return tqdm(pairs, desc=desc, leave=False, disable=not progress)
 
@@ -127,13 +131,14 @@ def sample_ancestral(denoiser: DenoiserFn, z_1: torch.Tensor, *, schedule: Sched
 def sample_dpmpp_2m(denoiser: DenoiserFn, z_1: torch.Tensor, *, schedule: Schedule, num_steps: int,
                     class_labels: torch.Tensor | None = None, clip: bool = True, clip_range: float = 1.0,
                     progress: bool = False) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in data prediction over h = (lambda_s - lambda_t) / 2.
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2; docs/method.md §12) in data prediction over
+    h = (lambda_s - lambda_t) / 2.
 
     The final point t = 0 is treated as sigma = 0 (diffusers' final_sigmas_type="zero"), so the last
     step is always first order (h is infinite there; diffusers forces this too) and returns x_pred.
     """
     z = z_1
-    grid = schedule.logsnr(time_grid(num_steps))
+    grid = schedule.logsnr(time_grid(num_steps, schedule))
     x_prev, h_prev = None, None
     for i in tqdm(range(num_steps), desc=f"DPM-Solver++ {num_steps}", leave=False, disable=not progress):
         logsnr_t, logsnr_s = grid[i], grid[i + 1]
@@ -168,7 +173,7 @@ def sample_stochastic(denoiser: DenoiserFn, z_1: torch.Tensor, *, schedule: Sche
     i/N; using a 1/N-step student's x_pred for a 2/N jump is the method's approximation. `noise(j)` is
     the re-noising noise after evaluation j (j = 0 .. N-2).
     """
-    logsnr = schedule.logsnr(time_grid(num_steps))      # logsnr[j] belongs to t = (N - j) / N
+    logsnr = schedule.logsnr(time_grid(num_steps, schedule))      # logsnr[j] belongs to t = (N - j) / N
     z = z_1
     for j in tqdm(range(num_steps), desc=f"stochastic {num_steps}", leave=False, disable=not progress):
         x_pred = _predict(denoiser, z, logsnr[j], class_labels, clip, clip_range)

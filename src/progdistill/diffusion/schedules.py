@@ -1,4 +1,4 @@
-"""Variance-preserving noise schedules in continuous time, driven by logSNR (docs/method.md §1).
+"""Variance-preserving noise schedules in continuous time, driven by logSNR (docs/method.md §1; discrete tables §8).
 
 A schedule maps t in [0, 1] to lambda_t = log(alpha_t^2 / sigma_t^2) and back. Everything else
 (alpha, sigma, SNR, the network's time input) is derived from lambda by pure functions.
@@ -47,7 +47,8 @@ def logsnr_cosine(t: torch.Tensor, logsnr_min: float = -20.0, logsnr_max: float 
     """lambda(t) = s - 2 log tan(a t + b), b = arctan(e^{-(lambda_max - s)/2}), a = arctan(e^{-(lambda_min - s)/2}) - b.
 
     s = `shift` is the shifted cosine of Hoogeboom et al. (2023): s > 0 adds less noise at every t, s < 0
-    more (their rule for large images: s = 2 log(64 / side)); the range stays [lambda_min, lambda_max].
+    more (their rule for large images: s = 2 log(64 / side)); the range stays [lambda_min, lambda_max]
+    (docs/method.md §1).
     """
     b = math.atan(math.exp(-0.5 * (logsnr_max - shift)))
     a = math.atan(math.exp(-0.5 * (logsnr_min - shift))) - b
@@ -81,6 +82,19 @@ def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor
     return f0 * (1.0 - w) + f1 * w
 
 
+GRIDS = ("uniform", "timesteps")   # t_i = i/N, or k_i/T with whole timesteps k_i (discrete tables, §10)
+
+
+def whole_timesteps(i: torch.Tensor, num_steps: int, num_train_timesteps: int) -> torch.Tensor:
+    """k_i = round-half-even(i T / N) in exact integer arithmetic (docs/method.md §10): diffusers' `trailing`
+    timesteps + 1; equal to i T / N whenever N divides T, and every other point of the 2N-step grid."""
+    i = torch.as_tensor(i, dtype=torch.int64)
+    T, N = int(num_train_timesteps), int(num_steps)
+    q, r = torch.div(i * T, N, rounding_mode="floor"), torch.remainder(i * T, N)
+    up = (2 * r > N) | ((2 * r == N) & (q % 2 == 1))
+    return q + up.to(torch.int64)
+
+
 def snap_to_integers(tau: torch.Tensor, tol: float = 1e-9) -> torch.Tensor:
     """tau rounded to the nearest integer where it lies within tol of one (float64 round-off only)."""
     r = tau.round()
@@ -89,15 +103,20 @@ def snap_to_integers(tau: torch.Tensor, tol: float = 1e-9) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Schedule:
-    """A logSNR schedule: `cosine` (rescaled, docs/method.md §1) or `discrete` (a beta table)."""
+    """A logSNR schedule: `cosine` (rescaled, docs/method.md §1) or `discrete` (a beta table, docs/method.md §8)."""
 
     kind: str = "cosine"
     logsnr_min: float = -20.0
     logsnr_max: float = 20.0
     logsnr_shift: float = 0.0     # cosine only: lambda(t) + s, rescaled to keep [logsnr_min, logsnr_max]
     betas: tuple[float, ...] | None = None
+    grid: str = "uniform"         # "timesteps": every grid point a whole timestep of the table (§10)
 
     def __post_init__(self) -> None:
+        if self.grid not in GRIDS:
+            raise UserError(f"unknown time grid {self.grid!r}: use one of {', '.join(GRIDS)}")
+        if self.grid == "timesteps" and self.kind != "discrete":
+            raise UserError("the whole-timestep grid needs a discrete (T-entry) schedule; the cosine one uses i/N")
         if self.kind not in ("cosine", "discrete"):
             raise UserError(f"unknown schedule kind {self.kind!r}: use 'cosine' or 'discrete'")
         if self.kind == "discrete":
@@ -197,6 +216,35 @@ class Schedule:
             return tau.float()
         return snap_to_integers(tau).float()
 
+    def check_steps(self, num_steps: int, what: str = "sampling steps") -> int:
+        """N itself; on the whole-timestep grid a one-line UserError for N > T (no N distinct timesteps)."""
+        if self.grid == "timesteps" and num_steps > self.num_train_timesteps:
+            raise UserError(f"{what} {num_steps} exceed the teacher's {self.num_train_timesteps} timesteps: a discrete "
+                            f"table has only T = {self.num_train_timesteps} whole timesteps; use at most that many")
+        return num_steps
+
+    def grid_time(self, i: torch.Tensor, num_steps: int) -> torch.Tensor:
+        """t_i of the N-step grid (float64): i/N, or k_i/T with whole timesteps k_i (docs/method.md §10)."""
+        i = torch.as_tensor(i)
+        if self.grid == "uniform":
+            return i.double() / num_steps
+        T = self.num_train_timesteps
+        return whole_timesteps(i, num_steps, T).double() / T
+
+    def time_grid(self, num_steps: int) -> torch.Tensor:
+        """t_N, ..., t_0 of the N-step grid (float64, descending); samplers walk consecutive pairs."""
+        self.check_steps(num_steps)
+        return self.grid_time(torch.arange(num_steps, -1, -1), num_steps)
+
+    def step_times(self, i: torch.Tensor, num_steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(t, t', t'') of Algorithm 2 for a student of N steps at its point i: points 2i, 2i - 1, 2i - 2 of the
+        2N-step grid (uniform: i/N, i/N - 0.5/N, i/N - 1/N, as in the released code; float64)."""
+        if self.grid == "uniform":
+            t = torch.as_tensor(i).double() / num_steps
+            return t, t - 0.5 / num_steps, t - 1.0 / num_steps
+        j = 2 * torch.as_tensor(i, dtype=torch.int64)
+        return tuple(self.grid_time(j - d, 2 * num_steps) for d in (0, 1, 2))
+
     def diffusers_betas(self, num_train_timesteps: int | None = None) -> list[float]:
         """beta_j = 1 - abar((j+1)/T) / abar(j/T), abar(t) = alpha_t^2 (docs/method.md §8); a table gives itself back."""
         T = num_train_timesteps or self.num_train_timesteps
@@ -217,6 +265,8 @@ class Schedule:
                 d["logsnr_shift"] = self.logsnr_shift
         else:
             d["betas"] = list(self.betas)
+        if self.grid != "uniform":   # absent: i/N, so cards written before grids existed sample as before
+            d["grid"] = self.grid
         return d
 
     @classmethod
@@ -233,5 +283,6 @@ def linear_betas(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: floa
 
 
 def default_start_steps(schedule: Schedule) -> int:
-    """N0 for a discrete T-step teacher: the largest power of two <= T (every student grid point i/N exists)."""
+    """N0 for a discrete T-step teacher: the largest power of two <= T (every student grid point i/N exists;
+    docs/method.md §6, §8)."""
     return 1 << (int(schedule.num_train_timesteps).bit_length() - 1)

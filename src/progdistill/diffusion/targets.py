@@ -34,14 +34,13 @@ def two_teacher_steps(teacher, z_t: torch.Tensor, *, logsnr_t: torch.Tensor, log
 @torch.no_grad()
 def distillation_target(teacher, z_t: torch.Tensor, *, i: torch.Tensor, num_steps: int, schedule: Schedule,
                         class_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """x~ for a student taking `num_steps` (N) steps at t = i/N, from teacher steps t' = t - 0.5/N, t'' = t - 1/N.
+    """x~ for a student taking `num_steps` (N) steps at its grid point i, from teacher steps t -> t' -> t''
+    (points 2i, 2i - 1, 2i - 2 of the 2N-step grid: t = i/N, t' = t - 0.5/N, t'' = t - 1/N on the uniform one).
 
-    At i = 1 (t'' = 0) the target is the teacher's second x prediction, as in the released code.
+    At i = 1 (t'' = 0) the target is the teacher's second x prediction, as in the released code (docs/method.md §6).
     """
-    t = i.double() / num_steps      # float64 logSNR: the teacher's time input stays exact (docs/method.md §8)
-    logsnr_t = schedule.logsnr(t)
-    logsnr_t1 = schedule.logsnr(t - 0.5 / num_steps)
-    logsnr_t2 = schedule.logsnr(t - 1.0 / num_steps)
+    # float64 logSNR: the teacher's time input stays exact (docs/method.md §8, §10, §13)
+    logsnr_t, logsnr_t1, logsnr_t2 = (schedule.logsnr(t) for t in schedule.step_times(i, num_steps))
     z_t2, x_2 = two_teacher_steps(teacher, z_t, logsnr_t=logsnr_t, logsnr_t1=logsnr_t1, logsnr_t2=logsnr_t2,
                                   class_labels=class_labels)
     target = x_target(z_t, z_t2, logsnr_t=logsnr_t.to(z_t.dtype), logsnr_t2=logsnr_t2.to(z_t.dtype))

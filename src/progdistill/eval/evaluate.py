@@ -17,7 +17,6 @@ and `dpmpp2m`. Metric values come from the pure functions of metrics.py:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import math
@@ -108,10 +107,6 @@ def data_family(spec: str, card) -> str:
     return "image" if card.data.get("kind") == "image" else "vector"
 
 
-def _csv(text, cast=str) -> list | None:
-    return None if text is None else [cast(v.strip()) for v in str(text).split(",") if v.strip()]
-
-
 def check_request(run: Run, family: str, methods, steps, metrics, spec: str) -> tuple[list, list, list]:
     """Validate methods / steps / metrics with one-line errors; fill defaults."""
     methods = list(methods or (METHODS if run.students else METHODS[1:]))
@@ -155,6 +150,8 @@ def teacher_samples(run: Run, teacher: Model, *, num: int, seed: int, steps: int
 
     Returns (samples, seconds it took to generate that many).
     """
+    if num < 1:   # 0 would return no samples (and divide by them)
+        raise UserError(f"--num must be a positive integer for the teacher reference, got {num!r}")
     steps = steps or run.start_steps
     wtag = "" if guidance is None else f"-w{guidance:g}"
     path = run.root / "eval-cache" / f"teacher-ddim{steps:04d}-seed{seed}{wtag}.npz"
@@ -315,51 +312,3 @@ def format_records(records: list[dict]) -> str:
     rows = [[str(r["method"]), fmt("steps", r["steps"])] + [fmt(k, r.get(k)) for k in keys] for r in records]
     w = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     return "\n".join("  ".join(c.rjust(w[i]) for i, c in enumerate(row)) for row in [head] + rows)
-
-
-def add_eval_parser(sub) -> None:
-    e = sub.add_parser("eval", help="sample quality per step count: distilled students vs the teacher's samplers",
-                       description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="examples:\n  progdistill eval --model runs/demo/distill --steps 1,2,4,8 --num 1000\n"
-                              "  progdistill eval --model runs/gmm-distill --data toy:gmm --metric sw,energy,nll\n"
-                              "  progdistill eval --model runs/c10-distill --metric fid --inception inception.pt")
-    e.add_argument("--model", required=True, help="distillation run, its steps-NNNN folder, a teacher run, "
-                   "or diffusers:PATH (then --data is required)")
-    e.add_argument("--data", default=None, help="reference data spec (default: the teacher's)")
-    e.add_argument("--steps", default=None, help="comma list, e.g. 1,2,4,8 (default: the run's distilled steps)")
-    e.add_argument("--sampler", default=None, help=f"comma list of methods from {','.join(METHODS)} (default: all)")
-    e.add_argument("--metric", default=None, help=f"comma list from {','.join(METRICS)} (default: per data)")
-    e.add_argument("--num", type=int, default=None, help="samples per (method, steps); default 50,000 with fid, "
-                                                         "else 1,000")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--json", default=None, help="write the records here (default: RUN/eval.json)")
-    e.add_argument("--inception", default=None, help="path of inception-2015-12-05.pt (for --metric fid)")
-    e.add_argument("--reference", action="store_true", help="also evaluate the teacher's N0-step DDIM")
-    e.add_argument("--ancestral-grid", default=",".join(f"{g:g}" for g in ANCESTRAL_GRID))
-    e.add_argument("--ref-num", type=int, default=None, help="teacher-match reference samples (default: --num)")
-    e.add_argument("--tune-num", type=int, default=None, help="samples per tuned fraction (default min(num, 500))")
-    e.add_argument("--batch-size", type=int, default=500)
-    e.add_argument("--device", default=None)
-    e.add_argument("--guidance", type=float, default=None, metavar="W",
-                   help="classifier-free guidance w for every method (class-conditional teachers, --guided students)")
-    e.add_argument("--no-progress", action="store_true")
-    e.set_defaults(func=cmd_eval)
-
-
-def cmd_eval(a) -> None:
-    try:
-        steps = _csv(a.steps, int)
-        grid = _csv(a.ancestral_grid, float)
-    except ValueError:
-        raise UserError(f"--steps and --ancestral-grid take comma-separated numbers, got {a.steps!r}, "
-                        f"{a.ancestral_grid!r}") from None
-    metrics = _csv(a.metric)
-    num = a.num or (50_000 if metrics and "fid" in metrics else 1000)
-    records = evaluate(a.model, data=a.data, steps=steps, methods=_csv(a.sampler), metrics=metrics, num=num,
-                       seed=a.seed, reference=a.reference, ref_num=a.ref_num, ancestral_grid=grid, tune_num=a.tune_num,
-                       inception=a.inception, batch_size=a.batch_size, device=a.device, guidance=a.guidance,
-                       progress=not a.no_progress)
-    print(format_records(records))
-    out = Path(a.json) if a.json else resolve_run(a.model).root / "eval.json"
-    write_json(out, records)
-    print(f"wrote {out}")

@@ -15,7 +15,6 @@ Methods (`nfe` = network evaluations per sample):
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from progdistill.eval.evaluate import PSNR_CAP, cache_dir, fmt, resolve_run, tea
 from progdistill.eval.metrics import psnr
 from progdistill.eval.scoring import Scorer
 from progdistill.pipeline import generate, load
-from progdistill.store.atomic import write_json
 from progdistill.store.card import CARD, num_classes, read_json
 from progdistill.store.guided import check_guidable
 
@@ -200,31 +198,3 @@ def write_guided_report(out: Path, run_path, records: list[dict], *, ws=WS, ref_
     path = out / "report-guided.md"
     path.write_text("\n".join(md) + "\n")
     return path
-
-
-def add_eval_guided_parser(sub) -> None:
-    e = sub.add_parser("eval-guided", help="conditional evaluation of a guided distillation: FD vs class accuracy per w",
-                       description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="example:\n  progdistill eval-guided --model runs/gd --num 500 --ref-steps 64")
-    e.add_argument("--model", required=True, help="a guided distillation run (distill --guided)")
-    e.add_argument("--w", default=",".join(f"{w:g}" for w in WS), help="comma list of guidance strengths")
-    e.add_argument("--steps", default=",".join(map(str, STEPS)), help="comma list of student step counts (NFE)")
-    e.add_argument("--num", type=int, default=500)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--ref-steps", type=int, default=64, help="guided teacher DDIM steps of the reference")
-    e.add_argument("--out", default=None, help="folder for eval-guided.json and report-guided.md (default: the run)")
-    e.add_argument("--batch-size", type=int, default=500)
-    e.set_defaults(func=cmd_eval_guided)
-
-
-def cmd_eval_guided(a) -> None:
-    try:
-        ws, steps = [float(v) for v in a.w.split(",")], [int(v) for v in a.steps.split(",")]
-    except ValueError:
-        raise UserError(f"--w and --steps take comma-separated numbers, got {a.w!r}, {a.steps!r}") from None
-    records = evaluate_guided(a.model, ws=ws, steps=steps, num=a.num, seed=a.seed, ref_steps=a.ref_steps,
-                              batch_size=a.batch_size)
-    out = Path(a.out) if a.out else resolve_run(a.model).root
-    write_json(out / "eval-guided.json", records)
-    print(table(records))
-    print(f"wrote {out / 'eval-guided.json'} and {write_guided_report(out, a.model, records, ws=ws, ref_steps=a.ref_steps, seed=a.seed)}")

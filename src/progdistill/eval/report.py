@@ -277,30 +277,3 @@ def demo_evaluation(distill_dir, out, *, num: int, seed: int, quick: bool) -> li
     html_path, _ = write_report(Path(out), Path(distill_dir), records, seed=seed)
     print(f"[demo]     report: {html_path}")
     return records
-
-
-def add_report_parser(sub) -> None:
-    r = sub.add_parser("report", help="HTML + Markdown report of a distillation run (table, plot, grids, cost)",
-                       description=__doc__.split("\n\n")[0])
-    r.add_argument("run", help="distillation run, or a demo folder with teacher/ and distill/")
-    r.add_argument("--num", type=int, default=500, help="samples per sampler if eval.json must be computed")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--quick", action="store_true", help="quick evaluation (steps 1,2,4; 2-point ancestral grid)")
-    r.add_argument("--reevaluate", action="store_true", help="recompute eval.json even if present")
-    r.set_defaults(func=cmd_report)
-
-
-def cmd_report(a) -> None:
-    out, distill = locate(a.run)
-    path = out / "eval.json"
-    if path.is_file() and not a.reevaluate:
-        records = read_json(path, "evaluation records")
-        if not isinstance(records, list) or not all(isinstance(r, dict) and "method" in r for r in records):
-            raise UserError(f"{path} does not hold evaluation records; delete it or pass --reevaluate")
-    else:
-        why = "re-evaluating" if path.is_file() else f"{path} not found"
-        print(f"{why}: running a {'quick ' if a.quick else ''}evaluation ({a.num} samples)")
-        records = run_evaluation(distill, out, num=a.num, seed=a.seed, quick=a.quick)
-    print(compact_table(records, resolve_run(distill).start_steps))
-    html_path, md_path = write_report(out, distill, records, seed=records[0]["seed"] if records else a.seed)
-    print(f"wrote {html_path} and {md_path}")

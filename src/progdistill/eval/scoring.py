@@ -50,12 +50,12 @@ class Scorer:
                    else load_data(spec, split="train", seed=seed).x[:num])
         else:
             try:
-                ds = load_data(spec, split=split, resolution=res, channels=ch)
+                ds = load_data(spec, split=split, resolution=res, channels=ch, reference=True)
             except UserError:
                 if split == "train":
                     raise
                 log(f"{spec} has no held-out split: scoring against its training split")
-                ds = load_data(spec, split="train", resolution=res, channels=ch)
+                ds = load_data(spec, split="train", resolution=res, channels=ch, reference=True)
             if ds.note:
                 log(f"data: {ds.note}")
             ref = ds.x     # None when streamed (prepared:, large folders): statistics are accumulated by chunks
@@ -88,7 +88,7 @@ class Scorer:
                                           count=len(ds) if fid_split == split else None)
             self.fid_ref = fid.reference_stats(
                 name, lambda: _images(ds if fid_split == split else load_data(spec, split=fid_split, resolution=res,
-                                                                              channels=ch)), self.detector, cache, key=key)
+                                                                              channels=ch, reference=True)), self.detector, cache, key=key)
 
     def __call__(self, x: torch.Tensor) -> dict:
         m, out = self.metrics, {}

@@ -26,7 +26,7 @@ class MLPModel(ModelMixin, ConfigMixin):
                  num_class_embeds: int | None = None, dropout: float = 0.0, class_embed_type: str | None = None):
         super().__init__()
         self.temb = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        # "identity" (as diffusers' UNet2DModel): class_labels is already an embedding, added as is (guided_net.py)
+        # "identity" (as diffusers' UNet2DModel): class_labels is already an embedding, added as is (nets/guided.py)
         self.class_embedding = (nn.Identity() if class_embed_type == "identity"
                                 else nn.Embedding(num_class_embeds, hidden) if num_class_embeds else None)
         self.inp = nn.Linear(dim, hidden)

@@ -5,6 +5,12 @@ one `os.replace`; the parent folder is fsynced after it.
 
 * A file (`write_json`, `torch_save_atomic`): temp file, fsync, rename.
 * A folder written once (`publish_dir`: distillation's `steps-NNNN/`): temp folder, fsync, one rename.
+* A folder replaced as a whole (`replace_dir_atomic`: an export's `--out`): temp folder, fsync, then one
+  atomic exchange of the two names where the OS offers it (Linux `renameat2(RENAME_EXCHANGE)`), so the
+  path holds the old or the new folder at every moment; the old copy (now under the temp name) is then
+  removed. Elsewhere (other systems, file systems without the exchange) the old folder is first
+  renamed aside to `.old-NAME-<id>` beside it: a kill between that rename and the next leaves no
+  folder at the path, only the complete old one at `.old-NAME-*` (rename it back to restore it).
 * A folder replaced over and over (`publish_version`: a training run's `model/`, `ema/` and its card):
   each save is an immutable version folder `RUN/.v-<iteration>-<id>/` holding all of them; the one
   publishing rename swaps the relative symlink `RUN/current -> .v-...` (a new link made under a temp
@@ -24,8 +30,11 @@ one `os.replace`; the parent folder is fsynced after it.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
+import platform
 import shutil
 import tempfile
 import uuid
@@ -102,26 +111,77 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def replace_dir_atomic(write_fn: Callable[[Path], None], target: Path) -> None:
-    """Build a folder with `write_fn(tmp_dir)`, fsync it, then swap it in place of `target` (an existing
-    target is moved aside first: for folders that nothing else points at, like an export)."""
-    target = Path(target)
+AT_FDCWD = -100
+RENAME_EXCHANGE = 2
+SYS_RENAMEAT2 = {"x86_64": 316, "amd64": 316, "aarch64": 276, "arm64": 276}
+
+
+def _renameat2():
+    """libc's renameat2, or a call of the raw syscall where glibc lacks the wrapper; None off Linux."""
+    if platform.system() != "Linux":
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    fn = getattr(libc, "renameat2", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        return fn
+    number = SYS_RENAMEAT2.get(platform.machine().lower())
+    syscall = getattr(libc, "syscall", None)
+    if number is None or syscall is None:
+        return None
+    syscall.restype = ctypes.c_long
+    return lambda *args: syscall(ctypes.c_long(number), *(ctypes.c_long(a) if isinstance(a, int) else a
+                                                          for a in args))
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap the names `a` and `b` (both must exist) in one atomic step; False (nothing changed) where the
+    OS or the file system cannot (ENOSYS, EINVAL, EOPNOTSUPP, ...: the caller falls back)."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    return fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
+
+
+@contextlib.contextmanager
+def _built_beside(write_fn: Callable[[Path], None], target: Path):
+    """A temp folder beside `target`, written by `write_fn` and fsynced (fault point dir-written); removed on
+    exit unless the caller renamed it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / _temp_name(target.name)
     tmp.mkdir()
     try:
         write_fn(tmp)
         fsync_tree(tmp)
+        reached("dir-written")
+        yield tmp
+    finally:
+        _remove(tmp)
+
+
+def replace_dir_atomic(write_fn: Callable[[Path], None], target: Path) -> None:
+    """Build a folder with `write_fn(tmp_dir)`, fsync it, then swap it in place of `target` (for folders
+    that nothing else points at, like an export): one atomic exchange where the OS offers it, else the
+    existing target is moved aside to `.old-NAME-*` first (module docstring)."""
+    target = Path(target)
+    with _built_beside(write_fn, target) as tmp:
+        if (target.exists() or target.is_symlink()) and exchange(tmp, target):
+            fsync_path(target.parent)      # target is the new folder; tmp now holds the old one
+            reached("dir-swapped")
+            return
         aside = None
         if target.exists() or target.is_symlink():
             aside = target.parent / f"{ASIDE_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
             os.replace(target, aside)
+            reached("moved-aside")
         os.replace(tmp, target)
         fsync_path(target.parent)
         if aside is not None:
             _remove(aside)
-    finally:
-        _remove(tmp)
 
 
 def publish_dir(write_fn: Callable[[Path], None], target: Path, *, complete: str) -> bool:
@@ -134,20 +194,12 @@ def publish_dir(write_fn: Callable[[Path], None], target: Path, *, complete: str
     target = Path(target)
     if (target / complete).is_file():
         return False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / _temp_name(target.name)
-    tmp.mkdir()
-    try:
-        write_fn(tmp)
-        fsync_tree(tmp)
-        reached("dir-written")
+    with _built_beside(write_fn, target) as tmp:
         if target.exists() or target.is_symlink():
             os.replace(target, target.parent / f"{ASIDE_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}")
         os.replace(tmp, target)
         fsync_path(target.parent)
         reached("dir-published")
-    finally:
-        _remove(tmp)
     return True
 
 

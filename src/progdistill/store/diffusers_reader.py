@@ -2,11 +2,18 @@
 
 PATH is a local pipeline folder (`model_index.json` with `unet` and `scheduler` entries, e.g. a
 saved `DDPMPipeline`), a folder with `unet/` and `scheduler/` subfolders, or a hub id
-(`owner/name`, downloaded by huggingface_hub when online). The UNet must be a pixel-space
+(`owner/name`, downloaded by huggingface_hub when online). PATH is local when its first component
+exists (relative to the working directory, after `~` expansion): `runs/ddpm-digtis` with a `runs/`
+folder is a mistyped local path, never sent to the hub; only otherwise is an `owner/name` PATH a hub id. The UNet must be a pixel-space
 `UNet2DModel` with a positional (sinusoidal) time embedding, so that it accepts fractional
 timesteps. The schedule is read through diffusers itself: the scheduler class named in its
 config is instantiated and its `alphas_cumprod` becomes a discrete table, entry j at
 t = (j + 1) / T, network time input tau = T t - 1 = j.
+
+Zero terminal SNR: the table ends at abar = 0 exactly when the scheduler config has
+`rescale_betas_zero_snr: true` or its last alphas_cumprod is exactly 0, whatever class saved it (DDIM
+and DDPM store 0, DPMSolverMultistep and EulerDiscrete 2^-24 for numerical reasons). No threshold on the
+value could decide it: plain `squaredcos_cap_v2` at T = 1000 ends at 2.4e-9, below 2^-24.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from progdistill.nets.spec import network_spec
 from progdistill.store.card import DIFFUSERS_PREFIX, ModelCard
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x"}
-EXPORT_META = "progdistill_export.json"   # written by progdistill's exporter: {"null_class": bool, "num_classes": int, ...}
+EXPORT_META = "progdistill_export.json"   # progdistill's exporter: {"null_class", "guidable", "num_classes", ...}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 HUB_FILES = ["model_index.json", "unet/*", "scheduler/*", EXPORT_META]
 
@@ -37,15 +44,21 @@ def _read_json(path: Path, what: str) -> dict:
         raise UserError(f"{what} {path} cannot be read ({e.__class__.__name__}); is the pipeline folder complete?") from None
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, local: Path) -> Path:
     """diffusers' own route to a hub pipeline (only the unet, the scheduler and their index)."""
     try:
         import huggingface_hub
 
         return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES))
     except Exception:  # offline, unknown repo, gated ...: all end the same way for the user
-        raise UserError(f"could not download {repo_id} (offline?): download it elsewhere and pass the local folder "
-                        f"as diffusers:DIR") from None
+        raise UserError(f"could not download {repo_id} (offline?) as a hub id, and it is no local folder either "
+                        f"({local.parts[0]} not found in {Path.cwd()}): download it elsewhere and pass the local "
+                        f"folder as diffusers:DIR, or fix the local path") from None
+
+
+def _is_local(path: Path) -> bool:
+    """A path whose first component exists here is the user's local path (a typo below it, not a hub id)."""
+    return path.is_absolute() or not path.parts or Path(path.parts[0]).exists() or Path(path.parts[0]).is_symlink()
 
 
 def pipeline_folder(spec: str) -> Path:
@@ -55,13 +68,15 @@ def pipeline_folder(spec: str) -> Path:
         raise UserError("diffusers: needs a path, e.g. diffusers:runs/ddpm-digits (a saved DDPMPipeline folder)")
     path = Path(raw).expanduser()
     if not path.exists():
-        if HUB_ID.fullmatch(raw):
-            path = _download(raw)
+        if HUB_ID.fullmatch(raw) and not _is_local(path):
+            path = _download(raw, path)
         else:
-            raise UserError(f"diffusers pipeline folder {path} not found")
+            hint = (f" ({path.parts[0]} exists here, so it is a local path, not a hub id)" if HUB_ID.fullmatch(raw)
+                    else "")
+            raise UserError(f"diffusers pipeline folder {path} not found{hint}; check the path")
     path = path.resolve()
-    expected = (f"expected a diffusers pipeline folder: model_index.json with 'unet' and 'scheduler' entries "
-                f"(e.g. a saved DDPMPipeline), or unet/ and scheduler/ subfolders")
+    expected = ("expected a diffusers pipeline folder: model_index.json with 'unet' and 'scheduler' entries "
+                "(e.g. a saved DDPMPipeline), or unet/ and scheduler/ subfolders")
     if not path.is_dir():
         raise UserError(f"{path} is not a folder: {expected}")
     index = path / "model_index.json"
@@ -129,14 +144,16 @@ def schedule_from_scheduler(path: Path) -> tuple[Schedule, str, dict, str]:
     abar = getattr(sched, "alphas_cumprod", None)
     if abar is None:
         raise UserError(f"{path}: scheduler {name} has no alphas_cumprod (not a discrete-time DDPM-family scheduler)")
-    abar = torch.as_tensor(abar, dtype=torch.float64)
+    abar = torch.as_tensor(abar, dtype=torch.float64).clone()
+    if abar.dim() == 1 and len(abar) and (conf.get("rescale_betas_zero_snr") is True or float(abar[-1]) == 0.0):
+        abar[-1] = 0.0      # zero terminal SNR, whatever value the saving class keeps there (module docstring)
     # beta_j = 1 - abar_j / abar_{j-1} (abar_{-1} = 1): our float64 cumprod gives diffusers' alphas_cumprod back.
     if abar.dim() != 1 or len(abar) < 3 or not bool((abar[:-1] > 0).all() & (abar[-1] >= 0)
                                                     & (abar[0] < 1) & (abar[1:] < abar[:-1]).all()):
         raise UserError(f"{path}: the scheduler's alphas_cumprod is not a strictly decreasing table in (0, 1) of at "
                         f"least 3 entries; cannot use it as a schedule")
     betas = 1.0 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
-    schedule = Schedule(kind="discrete", betas=tuple(betas.tolist()))
+    schedule = Schedule(kind="discrete", betas=tuple(betas.tolist()), grid="timesteps")   # whole timesteps (§10)
     param = PREDICTION_TYPES[ptype]
     if param == "eps" and schedule.zero_terminal_snr:
         raise UserError(f"{path}: an epsilon-prediction teacher with a zero-terminal-SNR schedule cannot give x at "
@@ -159,6 +176,8 @@ def load_diffusers_card(spec: str) -> ModelCard:
             "class_names": meta.get("class_names")}
     provenance = {"imported": "diffusers", "path": str(path), "num_train_timesteps": len(schedule.betas),
                   "scheduler": sname}
+    if null_class and "guidable" in meta:   # a progdistill export: whether its null row was trained for guidance
+        provenance["guidable"] = bool(meta["guidable"])
     return ModelCard(model=None, param=param, schedule=schedule, data=data, kind="teacher", weights="unet",
                      provenance=provenance, network={"class_name": "UNet2DModel", "config": unet},
                      clip=bool(sconf.get("clip_sample", False)), clip_range=float(sconf.get("clip_sample_range", 1.0)),

@@ -6,8 +6,11 @@ A comma list of faults; nothing is injected when the variable is unset or empty:
   nan_grad@STEP[:RANK]   the loss stays finite but its gradient is NaN on that rank (DDP then spreads it)
   die@POINT[#N]          os._exit(137) (a kill -9) the N-th time (default 1st) publication reaches POINT
   pause@POINT[#N]        print `fault: paused at POINT` to stderr and sleep an hour there (kill it yourself)
-POINTs are named where store/atomic.py calls `reached(...)` (version-written, public-linked, moved-aside,
-current-swapped, old-removed, dir-written, dir-published, file-written: a training state saved); `PROGDISTILL_FAULT=die@?` prints each as it is reached.
+POINTs are named where store/atomic.py calls `reached(...)`: version-written, public-linked, current-swapped,
+old-removed (a training run's model folder); dir-written, dir-published (a write-once folder, and an export
+built beside --out); dir-swapped (export --force: after the atomic exchange, before the old copy is removed);
+moved-aside (export --force where no atomic exchange exists); file-written (a training state saved).
+`PROGDISTILL_FAULT=die@?` prints each as it is reached.
 """
 
 from __future__ import annotations

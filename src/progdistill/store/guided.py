@@ -15,8 +15,24 @@ def is_w_conditioned(card: ModelCard) -> bool:
     return bool(getattr(card, "guidance", None))
 
 
+def describe_model(card: ModelCard) -> str:
+    """What a stored model is, for one-line messages: "a guidance-distilled (w-conditioned) model, w in [0, 4]",
+    "a plainly distilled 4-step student", "a class-conditional teacher", ..."""
+    if is_w_conditioned(card):
+        steps = f"{card.steps}-step " if card.steps else ""
+        return (f"a guidance-distilled {steps}(w-conditioned) model, w in [{card.guidance['w_min']:g}, "
+                f"{card.guidance['w_max']:g}] on its card")
+    cond = "class-conditional" if num_classes(card) else "unconditional"
+    if card.kind == "student":
+        return f"a plainly distilled {f'{card.steps}-step ' if card.steps else ''}{cond} student"
+    return f"a{'n' if cond[0] == 'u' else ''} {cond} {'imported model' if card.source else 'teacher'}"
+
+
 def check_guidable(card: ModelCard, name: str = "this model") -> int:
     """The null label of a teacher that classifier-free guidance can use; a one-line UserError otherwise."""
+    if is_w_conditioned(card):
+        raise UserError(f"{name} is {describe_model(card)}: it takes w as an input, there is no null class to "
+                        f"combine; sample it with --guidance W, or distil it further (no --guided stage 1 runs)")
     if not num_classes(card):
         raise UserError(f"guidance needs a class-conditional model, but {name} is unconditional "
                         f"(train the teacher with --class-cond)")

@@ -14,7 +14,6 @@ draws are those of plain distillation.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -23,23 +22,23 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from progdistill.data.datasets import Dataset, random_hflip
-from progdistill.data.stream import FLIP_KEY, StepLoader, chunk_noise
+from progdistill.data.stream import FLIP_KEY, chunk_noise
 from progdistill.diffusion.denoiser import Denoiser
 from progdistill.diffusion.losses import check_weighting, weighted_x_loss
 from progdistill.diffusion.schedules import Schedule, noised
 from progdistill.diffusion.targets import guidance_target
 from progdistill.errors import UserError
 from progdistill.nets.compile import plain_state_dict
-from progdistill.nets.device import device_settings, prepare_denoiser, prepare_network
+from progdistill.nets.device import prepare_denoiser, prepare_network
 from progdistill.nets.guided import GuidedNet, base_spec_for
 from progdistill.nets.spec import network_spec, spec_with_param
 from progdistill.seeds import generator_for
-from progdistill.store.atomic import torch_save_atomic, write_json
+from progdistill.store.atomic import write_json
 from progdistill.store.card import CARD, ModelCard
 from progdistill.store.folders import save_model_folder
-from progdistill.store.states import latest_state, load_state, rotate_states, state_name
-from progdistill.train.loop import gathered_rng_states, local_slice, lr_linear_decay, optimize, set_rng_state
-from progdistill.train.optim import adamw, load_optimizer_state
+from progdistill.train.loop import lr_linear_decay
+from progdistill.train.optim import adamw
+from progdistill.train.stage import Run, Stage, run_stage
 from progdistill.version import __version__
 
 STAGE1_KEY, STAGE1_W_KEY, STAGE2_W_KEY = 3_000_000, 3_000_001, 2_000_000   # keys of their own generators
@@ -117,71 +116,47 @@ def guided_card(card0: ModelCard, net, student_param: str, cfg, *, iters: int, t
                                  "label_dropout": prov.get("label_dropout")})
 
 
-def distill_guidance(cfg, out: Path, *, teacher: Denoiser, card0: ModelCard, data: Dataset, student_param: str,
-                     null_label: int, teacher_ref: str, run_card: dict, dist_info, deadline, metrics,
-                     progress: bool) -> bool:
-    """Stage 1 into OUT/guided/ (resumable from OUT/state-guided/); True once finished."""
+def distill_guidance(run: Run, out: Path, *, teacher: Denoiser, card0: ModelCard, student_param: str, null_label: int,
+                     teacher_ref: str, run_card: dict, state: dict | None) -> bool:
+    """Stage 1 into OUT/guided/ (resumable from `state`, the latest of OUT/state-guided/); True once finished."""
+    cfg, dist_info, settings, data = run.cfg, run.dist_info, run.settings, run.data
     iters = cfg.guided_iters
     weighting = check_weighting((card0.provenance or {}).get("weighting") or cfg.weighting)   # the teacher's
     teacher.eval().requires_grad_(False)
     t_spec = card0.network or network_spec(teacher.net)
     student_net = init_guided_student(teacher.net, t_spec, student_spec=spec_with_param(t_spec, student_param, dropout=0.0),
                                       w_min=cfg.w_min, w_max=cfg.w_max).to(dist_info.device)
-    settings = device_settings(dist_info.device.type)
     prepare_network(student_net, settings)
     optimizer = adamw(student_net.parameters(), lr=cfg.lr, weight_decay=0.0, settings=settings)
-    start, prev_seconds, t0 = 0, 0.0, time.time()
-    state_path = latest_state(out / GUIDED_STATES)
-    if state_path is not None:
-        st = load_state(state_path)
-        student_net.load_state_dict(st["net"])
-        load_optimizer_state(optimizer, st["optimizer"], settings)
-        set_rng_state(st["rng"][min(dist_info.rank, len(st["rng"]) - 1)])
-        start, prev_seconds = int(st["step"]), float(st.get("seconds", 0.0))
-    student = prepare_denoiser(Denoiser(student_net, schedule=card0.schedule, param=student_param), settings, cfg.compile)
-    model = DistributedDataParallel(student) if dist_info.enabled else student
     hflip = bool(cfg.hflip) and data.kind == "image"
-
-    def part(micro: int) -> slice:
-        return local_slice(cfg.batch_size, dist_info, cfg.grad_accum, micro)
 
     def plan_idx(step: int) -> torch.Tensor:
         return guidance_plan(len(data), seed=cfg.seed, step=step, batch_size=cfg.batch_size, w_min=cfg.w_min,
                              w_max=cfg.w_max)["idx"]
 
-    loader = StepLoader(data, plan_idx, part, start=start, iters=iters, grad_accum=cfg.grad_accum,
-                        device=dist_info.device, workers=cfg.workers)
+    def batch(step: int, part: slice, read) -> dict:
+        return guidance_batch(data, seed=cfg.seed, step=step, batch_size=cfg.batch_size, w_min=cfg.w_min,
+                              w_max=cfg.w_max, device=dist_info.device, hflip=hflip, part=part, read=read)
 
-    def loss_fn(step: int, micro: int) -> torch.Tensor:
-        batch = guidance_batch(data, seed=cfg.seed, step=step, batch_size=cfg.batch_size, w_min=cfg.w_min,
-                               w_max=cfg.w_max, device=dist_info.device, hflip=hflip, part=part(micro),
-                               read=lambda idx: loader(step, micro, idx))
-        return guidance_loss(model, teacher, batch, slice(None), schedule=card0.schedule, weighting=weighting,
+    def loss(model, b: dict) -> torch.Tensor:
+        return guidance_loss(model, teacher, b, slice(None), schedule=card0.schedule, weighting=weighting,
                              null_label=null_label)
 
-    def save_fn(step: int) -> None:
-        rngs = gathered_rng_states(dist_info)
-        if dist_info.is_main:
-            torch_save_atomic({"step": step, "net": student_net.state_dict(), "optimizer": optimizer.state_dict(),
-                               "rng": rngs, "seconds": prev_seconds + time.time() - t0},
-                              out / GUIDED_STATES / state_name(step))
-            rotate_states(out / GUIDED_STATES, cfg.keep_last)
+    def wrap():
+        student = prepare_denoiser(Denoiser(student_net, schedule=card0.schedule, param=student_param), settings,
+                                   cfg.compile)
+        return DistributedDataParallel(student) if dist_info.enabled else student
 
-    result = optimize(model=model, params=list(student_net.parameters()), optimizer=optimizer, loss_fn=loss_fn,
-                      lr_fn=lr_linear_decay(cfg.lr, iters), start_step=start, iters=iters, grad_accum=cfg.grad_accum,
-                      grad_clip=cfg.grad_clip, precision=cfg.precision, dist_info=dist_info, save_fn=save_fn,
-                      checkpoint_every=cfg.checkpoint_every, deadline=deadline, metrics=metrics,
-                      log_every=cfg.log_every, desc=f"guidance distillation w~U[{cfg.w_min:g},{cfg.w_max:g}]",
-                      progress=progress, extra_log={"stage": "guidance"})
-    loader.close()
+    result = run_stage(run, Stage(
+        desc=f"guidance distillation w~U[{cfg.w_min:g},{cfg.w_max:g}]", net=student_net, optimizer=optimizer,
+        iters=iters, lr_fn=lr_linear_decay(cfg.lr, iters), states=out / GUIDED_STATES, plan_idx=plan_idx, batch=batch,
+        loss=loss, wrap=wrap, extra_log={"stage": "guidance"}, where=" in guidance distillation"), state)
     if not result.finished:
-        if dist_info.is_main:
-            print(f"time limit reached in guidance distillation at step {result.step}/{iters}; continue with --resume")
         return False
     if dist_info.is_main:
         card = guided_card(card0, student_net, student_param, cfg, iters=iters, teacher_ref=teacher_ref)
         save_model_folder(out / GUIDED_FOLDER, card, {"model": student_net})
-        run_card["guided"] = {"iters": iters, "seconds": prev_seconds + result.seconds, "w_min": cfg.w_min,
+        run_card["guided"] = {"iters": iters, "seconds": result.total_seconds, "w_min": cfg.w_min,
                               "w_max": cfg.w_max}
         run_card["latest"] = run_card.get("latest") or GUIDED_FOLDER
         write_json(out / CARD, run_card)

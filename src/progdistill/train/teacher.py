@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from progdistill.data.datasets import Dataset, load_data, random_hflip
 from progdistill.data.normalize import Normalizer, fit_normalizer
-from progdistill.data.stream import StepLoader, chunk_noise
+from progdistill.data.stream import chunk_noise
 from progdistill.diffusion.denoiser import Denoiser
 from progdistill.diffusion.losses import weighted_x_loss
 from progdistill.diffusion.schedules import Schedule, noised
@@ -22,14 +22,14 @@ from progdistill.nets.compile import compile_denoiser
 from progdistill.nets.device import prepare_network, run_note, run_settings
 from progdistill.nets.presets import ModelConfig, Preset, check_side, for_data, get_preset, scaled_width
 from progdistill.seeds import generator_for, seed_for
-from progdistill.store.atomic import clean_run_folder, torch_save_atomic, write_json
+from progdistill.store.atomic import clean_run_folder, write_json
 from progdistill.store.card import CARD, PUBLIC, ModelCard, read_json
 from progdistill.store.folders import save_model_folder
-from progdistill.store.states import latest_state, load_state, rotate_states, state_name
-from progdistill.train.config import TrainConfig, from_dict, to_dict
-from progdistill.train.loop import (EMA, MetricsLog, gathered_rng_states, init_distributed, local_slice,
-                                    lr_warmup_constant, lr_warmup_cosine, optimize, set_rng_state)
-from progdistill.train.optim import adamw, load_optimizer_state, warn_bf16
+from progdistill.store.states import latest_state, load_state
+from progdistill.train.config import DEFAULT_SCHEDULE, TrainConfig, from_dict, resume_config, to_dict, with_defaults
+from progdistill.train.loop import EMA, MetricsLog, init_distributed, lr_warmup_constant, lr_warmup_cosine
+from progdistill.train.optim import adamw, warn_bf16
+from progdistill.train.stage import Run, Stage, run_stage
 from progdistill.version import __version__
 
 
@@ -118,22 +118,33 @@ def load_train_data(cfg: TrainConfig, preset: Preset | None) -> Dataset:
     return load_data(cfg.data, split="train", resolution=cfg.resolution, channels=cfg.channels, seed=cfg.seed)
 
 
-def resumed_config(saved_d: dict, cfg: TrainConfig) -> TrainConfig:
-    """The saved run config, continued: only the time limit and a longer budget may change; the shape may not."""
+def teacher_config(cfg: TrainConfig, out: Path, *, resume: bool) -> TrainConfig:
+    """The run's config, resolved: the given fields over the defaults, or with `resume` the saved config
+    continued under the one resume rule (`config.resume_config`). Raises before anything is written."""
+    cfg.validate()
+    if resume:
+        if not (out / "config.json").is_file():
+            raise UserError(f"--resume: {out} has no config.json; start a new run without --resume")
+        cfg = resumed_config(read_json(out / "config.json", "run config"), cfg, out)
+    elif (out / "config.json").exists():
+        raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    return resolve_config(with_defaults(cfg, "train"))
+
+
+def resumed_config(saved_d: dict, cfg: TrainConfig, out: Path | str = "the run") -> TrainConfig:
+    """The saved run config, continued: a given field must keep its saved value unless resume-mutable
+    (RESUME_MUTABLE["train"]: session options and a longer budget); configs of older versions resume too."""
     saved_d = dict(saved_d)
     saved_d.setdefault("lr_decay", "constant")   # runs from before the option kept a constant lr
     if "resolution" not in saved_d and saved_d.get("preset"):   # runs from before the shape was recorded:
         m = preset_model(get_preset(saved_d["preset"]), saved_d.get("model_overrides", {}))   # at the preset's shape
         saved_d.update(width=m.width, **({"resolution": m.resolution, "channels": m.channels} if m.kind == "unet" else {}))
-    saved = from_dict(TrainConfig, saved_d)
+    saved = with_defaults(from_dict(TrainConfig, saved_d), "train")   # fields older versions did not write
     for name in ("resolution", "channels", "width", "depth"):
         asked, kept = getattr(cfg, name), getattr(saved, name)
         if asked is not None and asked != kept:
             raise UserError(f"--resume keeps the run's {name} ({kept}); drop --{name} {asked} or start a new run")
-    if cfg.schedule != TrainConfig().schedule and cfg.schedule != saved.schedule:
-        raise UserError(f"--resume keeps the run's schedule ({saved.schedule}); drop --logsnr-shift or start a new run")
-    return dataclasses.replace(saved, time_limit=cfg.time_limit, iters=cfg.iters or saved.iters, workers=cfg.workers,
-                               compile=cfg.compile)   # speed options are the resuming command's
+    return with_defaults(resume_config(saved, cfg, "train", Path(out)), "train")
 
 
 def teacher_plan(n: int, *, step: int, seed: int, batch_size: int, label_dropout: float) -> dict:
@@ -188,7 +199,7 @@ def measure_train_speed(preset: Preset, *, batch_size: int, steps: int = 3, reso
                      what=f"preset {preset.name}")
     torch.manual_seed(0)
     net = build_network(m, preset.param)
-    schedule = Schedule.from_dict(TrainConfig().schedule)
+    schedule = Schedule.from_dict(DEFAULT_SCHEDULE)
     model = Denoiser(net, schedule=schedule, param=preset.param)
     optimizer = torch.optim.AdamW(net.parameters(), lr=preset.lr)
     shape = (m.channels,) if m.kind == "mlp" else (m.channels, m.resolution, m.resolution)
@@ -219,27 +230,10 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     """Train a teacher into run folder `out`; returns it. Resumable exactly with `resume=True`."""
     out = Path(out)
     dist_info = init_distributed()
-    state_path = latest_state(out / "state") if resume else None
-    if resume:
-        if not (out / "config.json").is_file():
-            raise UserError(f"--resume: {out} has no config.json; start a new run without --resume")
-        cfg = resumed_config(read_json(out / "config.json", "run config"), cfg)
-    elif (out / "config.json").exists():
-        raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    cfg = resolve_config(cfg)
+    cfg = teacher_config(cfg, out, resume=resume)
     settings = run_settings(dist_info.device, cfg.compile)   # CUDA: channels_last, TF32, fused AdamW; CPU: none
-    preset_name = cfg.preset
-    if preset_name is None and cfg.data.split(":")[0] in ("folder", "cifar10", "prepared"):
-        get_preset(None)  # raises: images need a named preset (only vectors imply `mlp`)
-    data = load_train_data(cfg, get_preset(preset_name) if preset_name else None)
-    if preset_name is None:
-        if data.kind != "vector":
-            get_preset(None)  # raises: images need a named preset
-        cfg = resolve_config(dataclasses.replace(cfg, preset="mlp"))
+    cfg, data, model_cfg = teacher_data(cfg)
     preset = get_preset(cfg.preset)
-    model_cfg = model_config_for(preset, data, cfg)
-    cfg = frozen_shape(cfg, data, model_cfg)
-    schedule = Schedule.from_dict(cfg.schedule)
     normalizer = run_normalizer(out, data, cfg.normalize, resume=resume)
     if normalizer is not None:   # the diffusion sees u = (x - shift) / scale; sampling decodes
         data.x = normalizer.encode(data.x.double()).float()
@@ -248,17 +242,11 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     net = prepare_network(build_network(model_cfg, cfg.param).to(dist_info.device), settings)
     ema = EMA(net, cfg.ema_decay, cfg.ema_warmup)
     optimizer = adamw(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, settings=settings)
-    start = 0
-    if state_path is not None:
-        st = load_state(state_path)
-        net.load_state_dict(st["net"])
-        ema.net.load_state_dict(st["ema"])
-        load_optimizer_state(optimizer, st["optimizer"], settings)
-        set_rng_state(st["rng"][min(dist_info.rank, len(st["rng"]) - 1)])
-        start = int(st["step"])
-    elif resume and dist_info.is_main:
-        print(f"--resume: no training state in {out / 'state'}; starting from step 0")
+    state_path = latest_state(out / "state") if resume else None
+    state = load_state(state_path) if state_path is not None else None
     if dist_info.is_main:
+        if resume and state is None:
+            print(f"--resume: no training state in {out / 'state'}; starting from step 0")
         out.mkdir(parents=True, exist_ok=True)
         clean_run_folder(out, PUBLIC)    # what a killed save left; repairs the public links
         write_json(out / "config.json", to_dict(cfg))
@@ -268,67 +256,71 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
               f"({len(data)} x {tuple(data.shape)}{', read per batch' if data.stream is not None else ''}), "
               f"{cfg.iters} iters, batch {cfg.batch_size}, param {cfg.param}{run_note(settings, cfg.compile)}")
         warn_bf16(cfg.param, cfg.precision)
-
-    denoiser = compile_denoiser(Denoiser(net, schedule=schedule, param=cfg.param), cfg.compile)
-    model = DistributedDataParallel(denoiser) if dist_info.enabled else denoiser
     if data.x is not None:
         data.x = data.x.to(dist_info.device)
-    label_dropout = cfg.label_dropout if cfg.class_cond else 0.0
+    card = ModelCard(model=model_cfg, param=cfg.param, schedule=Schedule.from_dict(cfg.schedule), data=data_info(data),
+                     kind="teacher", weights="ema", normalizer=normalizer.to_dict() if normalizer is not None else None,
+                     provenance={"progdistill": __version__, "preset": preset.name,
+                                 "weighting": cfg.weighting, "seed": cfg.seed,
+                                 # guidance needs a trained null class: recorded so that guidance can check it
+                                 "label_dropout": cfg.label_dropout if cfg.class_cond else 0.0})
+    run = Run(cfg, dist_info, settings, data, MetricsLog(out / "metrics.jsonl", dist_info.is_main),
+              deadline=time.time() + 60 * cfg.time_limit if cfg.time_limit else None, progress=progress)
+    result = run_stage(run, teacher_stage(run, out, net=net, ema=ema, optimizer=optimizer, card=card), state)
+    if dist_info.is_main:
+        write_json(out / "timing.json", {"iters": result.step, "seconds_this_session": result.seconds,
+                                         "finished": result.finished,
+                                         **_accumulate_time(out, result.seconds, result.start)})
+    return out
 
-    def part(micro: int) -> slice:
-        return local_slice(cfg.batch_size, dist_info, cfg.grad_accum, micro)
+
+def teacher_data(cfg: TrainConfig) -> tuple[TrainConfig, Dataset, ModelConfig]:
+    """The training data and network of a resolved config; the config with its preset and shape decided."""
+    preset_name = cfg.preset
+    if preset_name is None and cfg.data.split(":")[0] in ("folder", "cifar10", "prepared"):
+        get_preset(None)  # raises: images need a named preset (only vectors imply `mlp`)
+    data = load_train_data(cfg, get_preset(preset_name) if preset_name else None)
+    if preset_name is None:
+        if data.kind != "vector":
+            get_preset(None)  # raises: images need a named preset
+        cfg = resolve_config(dataclasses.replace(cfg, preset="mlp"))
+    model_cfg = model_config_for(get_preset(cfg.preset), data, cfg)
+    return frozen_shape(cfg, data, model_cfg), data, model_cfg
+
+
+def teacher_stage(run: Run, out: Path, *, net, ema: EMA, optimizer, card: ModelCard) -> Stage:
+    """Algorithm 1 as a stage: batches of `teacher_batch`, the diffusion loss; every save publishes the run."""
+    cfg, data, dist_info = run.cfg, run.data, run.dist_info
+    schedule = card.schedule
+    label_dropout = cfg.label_dropout if cfg.class_cond else 0.0
 
     def plan_idx(step: int) -> torch.Tensor:
         return teacher_plan(len(data), step=step, seed=cfg.seed, batch_size=cfg.batch_size,
                             label_dropout=label_dropout)["idx"]
 
-    loader = StepLoader(data, plan_idx, part, start=start, iters=cfg.iters, grad_accum=cfg.grad_accum,
-                        device=dist_info.device, workers=cfg.workers)
+    def batch(step: int, part: slice, read) -> dict:
+        return teacher_batch(data, step=step, seed=cfg.seed, batch_size=cfg.batch_size, hflip=cfg.hflip,
+                             label_dropout=label_dropout, device=dist_info.device, part=part, read=read)
 
-    def loss_fn(step: int, micro: int) -> torch.Tensor:
-        batch = teacher_batch(data, step=step, seed=cfg.seed, batch_size=cfg.batch_size, hflip=cfg.hflip,
-                              label_dropout=label_dropout, device=dist_info.device, part=part(micro),
-                              read=lambda idx: loader(step, micro, idx))
-        return diffusion_loss(model, batch, slice(None), schedule=schedule, weighting=cfg.weighting,
+    def loss(model, b: dict) -> torch.Tensor:
+        return diffusion_loss(model, b, slice(None), schedule=schedule, weighting=cfg.weighting,
                               class_cond=cfg.class_cond)
 
-    card = ModelCard(model=model_cfg, param=cfg.param, schedule=schedule, data=data_info(data), kind="teacher",
-                     weights="ema", normalizer=normalizer.to_dict() if normalizer is not None else None,
-                     provenance={"progdistill": __version__, "preset": preset.name,
-                                 "weighting": cfg.weighting, "seed": cfg.seed,
-                                 # guidance needs a trained null class: recorded so that guidance can check it
-                                 "label_dropout": cfg.label_dropout if cfg.class_cond else 0.0})
+    def wrap():
+        denoiser = compile_denoiser(Denoiser(net, schedule=schedule, param=cfg.param), cfg.compile)
+        return DistributedDataParallel(denoiser) if dist_info.enabled else denoiser
 
-    def save_fn(step: int) -> None:
-        rngs = gathered_rng_states(dist_info)
-        if not dist_info.is_main:
-            return
-        torch_save_atomic({"step": step, "net": net.state_dict(), "ema": ema.net.state_dict(),
-                           "optimizer": optimizer.state_dict(), "rng": rngs}, out / "state" / state_name(step))
-        rotate_states(out / "state", cfg.keep_last)
+    def publish(step: int) -> None:
         card.iteration = step
         save_model_folder(out, card, {"model": net, "ema": ema.net})
 
-    if start > 0 and dist_info.is_main and _published_iteration(out) != start:
-        # killed between the state file and the model folder of one save: publish what the state holds
-        card.iteration = start
-        save_model_folder(out, card, {"model": net, "ema": ema.net})
-    deadline = time.time() + 60 * cfg.time_limit if cfg.time_limit else None
-    result = optimize(model=model, params=list(net.parameters()), optimizer=optimizer, loss_fn=loss_fn,
-                      lr_fn=teacher_lr(cfg), start_step=start, iters=cfg.iters,
-                      grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip, precision=cfg.precision,
-                      dist_info=dist_info, ema=ema, ema_target=net, save_fn=save_fn,
-                      checkpoint_every=cfg.checkpoint_every, deadline=deadline,
-                      metrics=MetricsLog(out / "metrics.jsonl", dist_info.is_main), log_every=cfg.log_every,
-                      desc="teacher", progress=progress)
-    loader.close()
-    if dist_info.is_main:
-        write_json(out / "timing.json", {"iters": result.step, "seconds_this_session": result.seconds,
-                                         "finished": result.finished,
-                                         **_accumulate_time(out, result.seconds, start)})
-        if not result.finished:
-            print(f"time limit reached at step {result.step}/{cfg.iters}; continue with --resume")
-    return out
+    def resumed(start: int) -> None:
+        if _published_iteration(out) != start:
+            publish(start)   # killed between the state file and the model folder of one save: publish the state's
+
+    return Stage(desc="teacher", net=net, optimizer=optimizer, iters=cfg.iters, lr_fn=teacher_lr(cfg),
+                 states=out / "state", plan_idx=plan_idx, batch=batch, loss=loss, wrap=wrap, ema=ema,
+                 publish=publish, resumed=resumed)
 
 
 def _published_iteration(out: Path) -> int | None:

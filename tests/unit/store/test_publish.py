@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from forking import in_child
 from safetensors.torch import load_file
 
 from progdistill.diffusion.schedules import Schedule
 from progdistill.nets.build import build_network
 from progdistill.nets.presets import ModelConfig
 from progdistill.pipeline import load
-from progdistill.store import faults
 from progdistill.store.atomic import CURRENT, clean_run_folder, version_folder
 from progdistill.store.card import CARD, PUBLIC, ModelCard, read_json
 from progdistill.store.folders import load_network, publish_model_folder, save_model_folder, write_model_files
@@ -54,21 +54,6 @@ def _check(run: Path, allowed: set) -> int:
     assert card.iteration in allowed
     torch.testing.assert_close(_first_weight(run), next(iter(_nets(card.iteration)["ema"].state_dict().values())))
     return card.iteration
-
-
-def _in_child(fn, fault: str = "") -> int:
-    """Run fn() in a forked process with $PROGDISTILL_FAULT; its exit status (137: it died at the fault)."""
-    pid = os.fork()
-    if pid == 0:   # the child never returns into pytest
-        code = 0
-        try:
-            os.environ[faults.ENV] = fault
-            faults.active.cache_clear()
-            fn()
-        except BaseException:
-            code = 1
-        os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def test_versions_links_and_pinned_readers(tmp_path):
@@ -122,7 +107,7 @@ def test_a_kill_at_every_publication_step_leaves_a_loadable_run(kind, tmp_path):
     for i, point in enumerate(POINTS):
         run = tmp_path / f"{kind}-{i}"
         old = _scenario(kind, run)
-        status = _in_child(lambda: _save(run, 2), f"die@{point}")
+        status = in_child(lambda: _save(run, 2), f"die@{point}")
         assert status in (137, 0), (point, status)
         if status == 0:   # this save does not reach the point that often (e.g. moved-aside: legacy folders only)
             assert point.startswith(("public-linked#4", "public-linked#5", "moved-aside")) or kind != "fresh"
@@ -148,11 +133,11 @@ def test_a_kill_at_every_publication_step_leaves_a_loadable_run(kind, tmp_path):
 def test_steps_folder_is_published_once_in_one_rename(tmp_path):
     target = tmp_path / "d" / "steps-0004"
     card = _card(7)
-    assert _in_child(lambda: publish_model_folder(target, card, {"model": _nets(7)["model"]}), "die@dir-written") == 137
+    assert in_child(lambda: publish_model_folder(target, card, {"model": _nets(7)["model"]}), "die@dir-written") == 137
     assert not target.exists() and list(target.parent.glob(".tmp-*"))      # half-written: never under its name
     clean_run_folder(target.parent, [])
     assert not list(target.parent.iterdir())
-    assert _in_child(lambda: publish_model_folder(target, card, {"model": _nets(7)["model"]}), "die@dir-published") == 137
+    assert in_child(lambda: publish_model_folder(target, card, {"model": _nets(7)["model"]}), "die@dir-published") == 137
     assert read_json(target / CARD)["iteration"] == 7 and (target / "model" / WEIGHTS).is_file()
     before = load_file(str(target / "model" / WEIGHTS))
     assert publish_model_folder(target, card, {"model": _nets(8)["model"]}) is False   # written once: kept
@@ -195,7 +180,7 @@ def test_teacher_killed_between_its_state_and_its_model_folder_publishes_on_resu
     # the last save: state-00000008.pt written, the model folder still at step 4 (a kill in between)
     full = train(_toy(iters=8, checkpoint_every=4), tmp_path / "full", progress=False)
     run = tmp_path / "killed"
-    assert _in_child(lambda: train(_toy(iters=8, checkpoint_every=4), run, progress=False), "die@file-written#2") == 137
+    assert in_child(lambda: train(_toy(iters=8, checkpoint_every=4), run, progress=False), "die@file-written#2") == 137
     assert read_json(run / CARD)["iteration"] == 4 and (run / "state" / "state-00000008.pt").is_file()
     train(_toy(iters=8, checkpoint_every=4), run, resume=True, progress=False)
     assert read_json(run / CARD)["iteration"] == 8
@@ -211,7 +196,7 @@ def test_distillation_killed_around_a_promote_resumes_to_the_same_students(tmp_p
     full = distill(cfg, tmp_path / "full", progress=False)
     for fault in ("die@dir-written#2", "die@dir-published#1"):
         out = tmp_path / fault.replace("@", "-").replace("#", "-")
-        assert _in_child(lambda: distill(cfg, out, progress=False), fault) == 137
+        assert in_child(lambda: distill(cfg, out, progress=False), fault) == 137
         latest = read_json(out / CARD)["latest"]
         assert latest in (None, "steps-0002")                   # only ever a complete folder
         if latest:
