@@ -87,3 +87,40 @@ def test_distil_errors_are_one_line_and_write_nothing(pipe_dir, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error:") and message in err and "\n" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("T, start", [(1000, None), (1000, 64), (200, None), (200, 32)])
+def test_the_imported_unet_and_its_students_only_see_whole_timesteps(tmp_path, monkeypatch, T, start):
+    """docs/method.md §10: with a T-entry table every grid (distillation targets, the students' inputs,
+    sampling at N not dividing T) lands on whole timesteps 0 <= tau <= T - 1."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8)
+    path = tmp_path / "ddpm"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=T)).save_pretrained(path)
+    seen, forward = [], UNet2DModel.forward
+
+    def spy(self, sample, timestep, *args, **kwargs):
+        seen.append(torch.as_tensor(timestep).detach().double().reshape(-1))
+        return forward(self, sample, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DModel, "forward", spy)
+    n0 = start or default_start_steps(Schedule(kind="discrete", betas=linear_betas(T)))
+    out = tmp_path / "d"
+    args = ["distill", "--teacher", f"diffusers:{path}", "--data", "digits", "--out", str(out), "--final-steps",
+            str(n0 // 4), "--iters-per-round", "2", "--batch-size", "8", "--no-progress"]
+    assert cli.main(args + ([] if start is None else ["--start-steps", str(start)])) == 0
+    progdistill.load(out).sample(num=2, seed=0)                                  # the last student, n0/4 steps
+    progdistill.load(f"diffusers:{path}").sample(num=2, steps=48, seed=0)        # 48 divides neither T
+    tau = torch.cat(seen)
+    assert len(seen) > 8 and torch.equal(tau, tau.round()) and tau.min() >= 0 and tau.max() <= T - 1
+    assert json.loads((out / CARD).read_text())["grid"] == "timesteps"
+
+
+def test_start_steps_beyond_the_table_are_refused_in_one_line(pipe_dir, tmp_path, capsys):
+    out = tmp_path / "d"
+    code = cli.main(["distill", "--teacher", f"diffusers:{pipe_dir}", "--data", "digits", "--out", str(out),
+                     "--start-steps", str(2 * T), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "exceed the teacher's 64 timesteps" in err and "\n" not in err and not out.exists()

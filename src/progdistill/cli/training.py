@@ -23,6 +23,7 @@ DISTILL_EXAMPLES = """examples:
   progdistill distill --teacher runs/eps-teacher --out runs/d --student-param v
   progdistill distill --teacher diffusers:~/ddpm-digits --data digits --out runs/d   # a diffusers DDPMPipeline folder
   progdistill distill --teacher runs/cond --guided --w-max 4 --final-steps 1 --out runs/gd   # guided: runs/gd/guided, steps-*
+  progdistill distill --teacher runs/teacher --out runs/db --budget 1 --teacher-examples 192000   # what training spent
   progdistill distill --out runs/distill --resume   # continue exactly where it stopped"""
 
 WEIGHTINGS = ["const", "snr", "snr_trunc", "snr_plus_one"]
@@ -34,8 +35,16 @@ TRAIN_FIELDS = {**{name: name for name in (
 # {args dest: DistillConfig field}; --round-iters is parsed into a list first
 DISTILL_FIELDS = {**{name: name for name in (
     "teacher", "data", "start_steps", "final_steps", "iters_per_round", "last_rounds_factor", "lr", "batch_size",
-    "weighting", "student_param", "guided", "w_min", "w_max", "guided_iters")}, "student_ema": "ema_decay",
+    "weighting", "student_param", "guided", "w_min", "w_max", "guided_iters", "budget", "teacher_examples",
+    "switch_factor")}, "student_ema": "ema_decay",
     **RUN_FIELDS}
+BUDGET_HELP = ("distillation examples E (iterations x global batch) summed over all rounds, a whole number; with "
+               "--teacher-examples E0 a fraction: E = F x E0. Round r gets weight w_r = 1, times "
+               "--last-rounds-factor for the last two rounds, times --switch-factor for the first round when the "
+               "student's parameterisation differs from the teacher's (eps -> v); iters_r = max(1, round(E w_r / "
+               "sum(w) / batch)). Not with --iters-per-round or --round-iters")
+
+
 def train_given(a: argparse.Namespace) -> dict:
     """The TrainConfig fields typed on the command line."""
     given = given_fields(a, TRAIN_FIELDS)
@@ -146,6 +155,14 @@ def add_distill_parser(sub) -> None:
     s.add_argument("--round-iters", default=None,
                    help="iterations per round as a comma list, N0/2 first (e.g. 200,150,100,100,100,100,150,300); "
                         "overrides --iters-per-round and --last-rounds-factor")
+    s.add_argument("--budget", type=float, default=None, help=BUDGET_HELP)
+    s.add_argument("--teacher-examples", type=int, default=None,
+                   help="E0, the teacher's training examples (iterations x batch): --budget F is then the fraction "
+                        "F of E0 (1: spend what training spent). An own teacher run's is said in the start line")
+    s.add_argument("--switch-factor", type=float, default=None,
+                   help="weight S of the first round when the student's parameterisation differs from the teacher's "
+                        "(eps teacher -> v student), in --budget's sharing or, without it, times --iters-per-round "
+                        "(default 1)")
     s.add_argument("--lr", type=float)
     s.add_argument("--batch-size", type=int)
     s.add_argument("--weighting", default=None, choices=WEIGHTINGS, help="default snr_trunc")

@@ -154,7 +154,9 @@ def teacher_samples(run: Run, teacher: Model, *, num: int, seed: int, steps: int
         raise UserError(f"--num must be a positive integer for the teacher reference, got {num!r}")
     steps = steps or run.start_steps
     wtag = "" if guidance is None else f"-w{guidance:g}"
-    path = run.root / "eval-cache" / f"teacher-ddim{steps:04d}-seed{seed}{wtag}.npz"
+    grid = teacher.card.schedule.grid
+    gtag = "" if grid == "uniform" else f"-{grid}"      # the time grid is part of the key (docs/method.md §10)
+    path = run.root / "eval-cache" / f"teacher-ddim{steps:04d}-seed{seed}{wtag}{gtag}.npz"
     x, seconds = None, 0.0
     if path.is_file():
         try:
@@ -190,6 +192,8 @@ def tune_ancestral(run: Run, teacher: Model, steps: int, *, spec: str, family: s
     entry = table.get(str(steps))
     want = {"grid": grid, "metric": metric, "num": num, "seed": seed, "data": spec, "split": "train",
             "teacher_iteration": teacher.card.iteration, "guidance": guidance}
+    if teacher.card.schedule.grid != "uniform":          # the time grid is part of the key (docs/method.md §10)
+        want["time_grid"] = teacher.card.schedule.grid
     if entry and all(entry.get(k) == v for k, v in want.items()):
         return float(entry["logvar_frac"])
     cache_key = (spec, num, seed)

@@ -30,7 +30,7 @@ DEFAULTS = {
     "train": dict(_COMMON_DEFAULTS, data="digits", checkpoint_every=1000, class_cond=False, label_dropout=0.1,
                   normalize="standard", lr_final_frac=0.02, ema_warmup=True, schedule=DEFAULT_SCHEDULE),
     "distill": dict(_COMMON_DEFAULTS, checkpoint_every=200, final_steps=1, last_rounds_factor=1.0, ema_decay=0.0,
-                    guided=False),   # w_min, w_max, guided_iters: by the teacher (see distill_config.py)
+                    guided=False, switch_factor=1.0),   # w_min, w_max, guided_iters: by the teacher (see distill_config.py)
 }
 
 # Flags a `--resume` may change. Session options (the time limit, DataLoader workers, torch.compile) are the
@@ -156,6 +156,9 @@ class DistillConfig:
     iters_per_round: int | None = None
     last_rounds_factor: float | None = None   # default 1.0
     round_iters: list[int] | None = None   # explicit iterations per round (N0/2 first); overrides the two above
+    budget: float | None = None      # examples (iters x batch) over all rounds; x teacher_examples when that is given
+    teacher_examples: int | None = None   # E0: --budget is then a fraction of E0 (the resolved plan: round_iters)
+    switch_factor: float | None = None    # default 1.0: the first round's weight when the parameterisation switches
     lr: float | None = None
     batch_size: int | None = None
     weighting: str | None = None     # default snr_trunc
@@ -197,11 +200,26 @@ class DistillConfig:
             raise UserError(f"--round-iters must list positive integers, got {self.round_iters!r}")
         if self.last_rounds_factor is not None and not self.last_rounds_factor > 0:
             raise UserError(f"--last-rounds-factor must be positive, got {self.last_rounds_factor}")
+        self._check_budget()
         _check_fraction(self.ema_decay, "student EMA decay")
         lo, hi = self.w_min, self.w_max
         if (lo is not None and not lo >= 0) or (hi is not None and not hi > (lo or 0.0)):
             raise UserError(f"guidance range needs 0 <= --w-min < --w-max, got [{lo}, {hi}]")
         return self
+
+    def _check_budget(self) -> None:
+        if self.switch_factor is not None and not self.switch_factor > 0:
+            raise UserError(f"--switch-factor must be positive, got {self.switch_factor}")
+        te = self.teacher_examples
+        if te is not None and (isinstance(te, bool) or not isinstance(te, int) or te < 1):
+            raise UserError(f"--teacher-examples must be a positive integer (the teacher's training examples), got {te!r}")
+        if te is not None and self.budget is None:
+            raise UserError("--teacher-examples is the reference of a fractional budget: give --budget F too")
+        if self.budget is not None and not self.budget > 0:
+            raise UserError(f"--budget must be positive, got {self.budget}")
+        if self.budget is not None and te is None and not float(self.budget).is_integer():
+            raise UserError(f"--budget {self.budget:g} without --teacher-examples is a number of examples and must be "
+                            f"whole; for a fraction of the teacher's training add --teacher-examples E0")
 
 
 def _default(f: dataclasses.Field):
@@ -238,7 +256,7 @@ def _with_flag(kind: str, name: str, value) -> str:
         return f"no {flag}"
     if isinstance(value, (list, tuple)):
         value = ",".join(map(str, value))
-    return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
+    return f"{flag} {value:.12g}" if isinstance(value, float) else f"{flag} {value}"
 
 
 def resume_config(saved, asked, kind: str, out: Path, *, compare: dict | None = None):

@@ -32,6 +32,8 @@ from progdistill.train.config import DistillConfig, to_dict
 from progdistill.train.distill_config import (
     IMPORTED_SMALL_PARAMS,
     distill_config,
+    examples_text,
+    resolve_budget,
     resolve_config,
     resolve_guidance,
     warn_if_unfinished,
@@ -68,17 +70,22 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
     teacher0, card0 = load_denoiser(teacher_run, device=dist_info.device, compile=cfg.compile)
     cfg = resolve_guidance(resolve_config(cfg, card0, teacher_run, count_parameters(teacher0.net)), card0, asked,
                            teacher_run)
+    card0 = grid_of_run(card0, out, resume)
+    card0.schedule.check_steps(cfg.start_steps, "--start-steps")
     w_teacher = is_w_conditioned(card0)     # guidance-distilled already: no stage 1, the rounds take w
     null_label = check_guidable(card0, teacher_run) if cfg.guided and not w_teacher else None   # one-line refusal
     student_param = student_param_for(card0.param, cfg.student_param)
     data = distill_data(cfg, card0, dist_info)
+    switch = student_param != card0.param     # eps -> v: the first round may weigh --switch-factor more
+    cfg = resolve_budget(cfg, switch)          # --budget: the resolved plan becomes round_iters (config.json)
     rounds = plan_rounds(cfg.start_steps, cfg.final_steps, cfg.iters_per_round, cfg.last_rounds_factor,
-                         cfg.round_iters)
+                         cfg.round_iters, switch_factor=cfg.switch_factor if switch else 1.0)
     teacher_ref = resolved_teacher(teacher_run)
     cfg = dataclasses.replace(cfg, teacher=teacher_ref, student_param=student_param)   # a resume finds it too
     run_card = {"kind": "distillation", "teacher": teacher_ref, "teacher_spec": teacher_run, "start_steps": cfg.start_steps,
                 "final_steps": cfg.final_steps, "student_param": student_param, "rounds": [], "latest": None,
-                "progdistill": __version__, "guided": None if not cfg.guided else {"finished": False}}
+                "progdistill": __version__, "guided": None if not cfg.guided else {"finished": False},
+                "grid": card0.schedule.grid}
     if w_teacher:
         run_card["guided"] = {"w_min": cfg.w_min, "w_max": cfg.w_max, "stage1": "the teacher"}
     if (out / CARD).is_file() and resume:
@@ -93,7 +100,8 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
         write_json(out / "config.json", to_dict(cfg))
         write_json(out / CARD, run_card)
         print(f"distill: {cfg.start_steps} -> {cfg.final_steps} steps in {len(rounds)} rounds, "
-              f"{iters_text(rounds)}, batch {cfg.batch_size}, lr {cfg.lr}, student param {student_param}"
+              f"{iters_text(rounds)}, batch {cfg.batch_size}{examples_text(cfg, rounds, teacher_run)}, lr {cfg.lr}, "
+              f"student param {student_param}"
               f"{', random horizontal flips (as the teacher trained)' if hflip else ''}"
               f"{', data read per batch' if data.stream is not None else ''}{run_note(settings, cfg.compile)}")
         if w_teacher:
@@ -117,6 +125,17 @@ def distill(cfg: DistillConfig, out: str | Path, *, resume: bool = False, progre
                              run_card=run_card, teacher_ref=teacher_ref):
             return out
     return out
+
+
+def grid_of_run(card0: ModelCard, out: Path, resume: bool) -> ModelCard:
+    """The teacher's card on the time grid the run records (a run from before grids existed: i/N, so it
+    resumes as it started; docs/method.md §10)."""
+    if not (resume and (out / CARD).is_file()):
+        return card0
+    grid = read_json(out / CARD, "distillation card").get("grid", "uniform")
+    if grid == card0.schedule.grid:
+        return card0
+    return dataclasses.replace(card0, schedule=dataclasses.replace(card0.schedule, grid=grid))
 
 
 def distill_data(cfg: DistillConfig, card0: ModelCard, dist_info) -> Dataset:
@@ -194,7 +213,9 @@ def distill_round(run: Run, out: Path, r: int, rounds: list[dict], *, teacher0, 
         publish_model_folder(out / steps_folder_name(n_student), card,
                              {"model": ema.net if ema is not None else student_net})
         run_card["rounds"] = [x for x in run_card["rounds"] if x["round"] != r] + [
-            {"round": r, "steps": n_student, "iters": iters, "seconds": result.total_seconds}]
+            {"round": r, "steps": n_student, "iters": iters, "examples": iters * cfg.batch_size,
+             "seconds": result.total_seconds}]
+        run_card["examples"] = sum(x.get("examples", x["iters"] * cfg.batch_size) for x in run_card["rounds"])
         run_card["latest"] = steps_folder_name(n_student)
         write_json(out / CARD, run_card)
     if dist_info.enabled:

@@ -20,6 +20,7 @@ from progdistill.store.card import CARD, ModelCard, is_diffusers_spec, read_json
 from progdistill.store.guided import describe_model, is_w_conditioned
 from progdistill.store.load import resolved_teacher
 from progdistill.train.config import DistillConfig, from_dict, resume_config, with_defaults
+from progdistill.train.rounds import budget_iters, plan_rounds, round_weights
 
 W_RANGE = (0.0, 4.0)     # --w-min, --w-max of guided distillation when not typed (the paper's pixel-space range)
 
@@ -28,6 +29,11 @@ def distill_config(cfg: DistillConfig, out: Path, *, resume: bool) -> DistillCon
     """The run's config before the teacher is read: the given fields over the defaults, or with `resume`
     the saved config continued under the resume rule (`config.resume_config`). Raises before anything is written."""
     cfg.validate()
+    for flag, typed in (("--iters-per-round", cfg.iters_per_round), ("--round-iters", cfg.round_iters)):
+        if cfg.budget is not None and typed is not None:
+            raise UserError(f"--budget and {flag} both set the rounds' iterations; give one of them")
+    if cfg.round_iters is not None and cfg.switch_factor is not None:
+        raise UserError("--round-iters gives every round's iterations; drop --switch-factor")
     if resume:
         if not (out / "config.json").is_file():
             raise UserError(f"--resume: {out} has no config.json; start a new distillation without --resume")
@@ -94,6 +100,36 @@ def resolve_config(cfg: DistillConfig, teacher_card: ModelCard, teacher_run: str
                     lr=preset.distill_lr, batch_size=batch, data=teacher_card.data["spec"], hflip=bool(hflip))
     cfg = dataclasses.replace(cfg, **{k: v for k, v in fill.items() if getattr(cfg, k) is None})
     return cfg.validate()
+
+
+def resolve_budget(cfg: DistillConfig, switch: bool) -> DistillConfig:
+    """With --budget, the rounds' iterations (`rounds.budget_iters`) saved as `round_iters`: config.json holds
+    the resolved plan (a resume keeps it). `switch`: the student's parameterisation is not the teacher's."""
+    if cfg.budget is None or cfg.round_iters is not None:
+        return cfg
+    n_rounds = len(plan_rounds(cfg.start_steps, cfg.final_steps, 1, 1.0))
+    examples = cfg.budget * (cfg.teacher_examples or 1)
+    if examples < n_rounds * cfg.batch_size:
+        what = f"{cfg.budget:g} x {cfg.teacher_examples} = {examples:,.0f}" if cfg.teacher_examples else f"{examples:,.0f}"
+        raise UserError(f"--budget {what} examples is too small: {n_rounds} rounds need at least one batch each "
+                        f"({n_rounds} x {cfg.batch_size} = {n_rounds * cfg.batch_size:,})")
+    weights = round_weights(n_rounds, cfg.last_rounds_factor, cfg.switch_factor if switch else 1.0)
+    return dataclasses.replace(cfg, round_iters=budget_iters(examples, cfg.batch_size, weights)).validate()
+
+
+def examples_text(cfg: DistillConfig, rounds: list[dict], teacher_run: str) -> str:
+    """For the start line: the examples the rounds will see, the budget, and an own teacher's recorded
+    training examples (its config.json iters x batch_size), the reference of a fractional --budget."""
+    text = f", {sum(r['iters'] for r in rounds) * cfg.batch_size:,} examples"
+    if cfg.budget is not None:
+        text += (f" (--budget {cfg.budget:g} x --teacher-examples {cfg.teacher_examples:,})" if cfg.teacher_examples
+                 else f" (--budget {cfg.budget:,.0f})")
+    run = Path(teacher_run) / "config.json"
+    if not is_diffusers_spec(teacher_run) and run.is_file():
+        t = read_json(run)
+        if t.get("iters") and t.get("batch_size"):
+            text += f"; the teacher trained on {t['iters'] * t['batch_size']:,} ({t['iters']} iters x batch {t['batch_size']})"
+    return text
 
 
 def warn_if_unfinished(teacher_run: str) -> None:

@@ -56,10 +56,31 @@ def init_student(teacher_net: nn.Module, teacher_card: ModelCard, student_param:
     return student
 
 
+def round_weights(n_rounds: int, last_rounds_factor: float, switch_factor: float = 1.0) -> list[float]:
+    """Each round's weight w_r (N0/2 first): 1, times F (--last-rounds-factor) for the last two rounds, times
+    S (--switch-factor) for the first round; pass S = 1 when the student's parameterisation is the teacher's."""
+    weights = [1.0] * n_rounds
+    for r in range(max(0, n_rounds - 2), n_rounds):
+        weights[r] *= last_rounds_factor
+    if weights:
+        weights[0] *= switch_factor
+    return weights
+
+
+def budget_iters(examples: float, batch_size: int, weights: list[float]) -> list[int]:
+    """The iterations of each round under a budget of E examples (iterations x global batch, summed over the
+    rounds): iters_r = max(1, round(E w_r / sum(w) / batch)), so sum(iters_r x batch) is within one batch per
+    round of E."""
+    total = sum(weights)
+    return [max(1, int(round(examples * w / total / batch_size))) for w in weights]
+
+
 def plan_rounds(start_steps: int, final_steps: int, iters_per_round: int, last_rounds_factor: float,
-                round_iters: list[int] | None = None) -> list[dict]:
-    """One entry per halving: the student's step count N and its iterations (last two rounds x F),
-    or `round_iters` given explicitly, one per round in order (N0/2 first)."""
+                round_iters: list[int] | None = None, switch_factor: float = 1.0) -> list[dict]:
+    """One entry per halving: the student's step count N and its iterations, round(iters_per_round x w_r)
+    (`round_weights`: last two rounds x F, the first x `switch_factor`, which the caller passes only when the
+    parameterisation switches; 1 leaves every round as before), or `round_iters` given explicitly, one per
+    round in order (N0/2 first)."""
     rounds, n = [], start_steps
     while n > final_steps:
         n //= 2
@@ -71,8 +92,9 @@ def plan_rounds(start_steps: int, final_steps: int, iters_per_round: int, last_r
         for r, k in zip(rounds, round_iters):
             r["iters"] = int(k)
         return rounds
-    for r in rounds[-2:]:
-        r["iters"] = int(round(iters_per_round * last_rounds_factor))
+    for r, w in zip(rounds, round_weights(len(rounds), last_rounds_factor, switch_factor)):
+        if w != 1.0:
+            r["iters"] = int(round(iters_per_round * w))
     return rounds
 
 
@@ -131,7 +153,7 @@ def distill_batch(data: Dataset, *, seed: int, round_idx: int, step: int, batch_
 
 def distillation_loss(student, teacher, batch: dict, sl: slice, *, num_steps: int, schedule: Schedule,
                       weighting: str, class_cond: bool) -> torch.Tensor:
-    """L = w(lambda_t) ||x~ - x_theta(z_t)||^2, with z_t = alpha_t x + sigma_t eps at t = i/N (Algorithm 2).
+    """L = w(lambda_t) ||x~ - x_theta(z_t)||^2, z_t = alpha_t x + sigma_t eps at the student's grid point t_i (Algorithm 2).
 
     A batch with "w" (guided stage 2) gives teacher and student the same (c, w) per example."""
     x, i, eps = batch["x"][sl], batch["i"][sl], batch["eps"][sl]
@@ -139,7 +161,7 @@ def distillation_loss(student, teacher, batch: dict, sl: slice, *, num_steps: in
     w = batch["w"][sl].float() if batch.get("w") is not None else None
     if w is not None:
         teacher = WDenoiser(teacher, w=w)
-    logsnr_64 = schedule.logsnr(i.double() / num_steps)    # the student's time input from float64, as in sampling
+    logsnr_64 = schedule.logsnr(schedule.grid_time(i, num_steps))   # the student's grid point, float64 as in sampling
     logsnr_t = logsnr_64.float()
     z_t = noised(x, eps, logsnr_t)
     with torch.autocast(device_type=z_t.device.type, enabled=False):

@@ -13,7 +13,7 @@ import torch
 
 from progdistill.diffusion.denoiser import Denoiser
 from progdistill.diffusion.sampling import sample_ddim, sample_dpmpp_2m, time_grid
-from progdistill.diffusion.schedules import Schedule
+from progdistill.diffusion.schedules import Schedule, linear_betas
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DModel  # noqa: E402
@@ -147,3 +147,21 @@ def test_dpmpp_2m_is_not_ddim(unet, z1):
     a = sample_dpmpp_2m(den, z1, schedule=SCHED, num_steps=8, clip=False)
     b = sample_ddim(den, z1, schedule=SCHED, num_steps=8, clip=False)
     assert (a - b).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("param", ["v", "x"])
+@pytest.mark.parametrize("n", [1, 2, 4, 16, 64, 256])
+def test_dpmpp_2m_on_whole_timesteps_matches_diffusers_for_a_1000_step_table(unet, z1, param, n):
+    """An imported T = 1000 linear table samples on k_i / T (docs/method.md §10): DPM-Solver++(2M) equals
+    diffusers' trailing DPMSolverMultistepScheduler also where N does not divide T (16, 64, 256).
+    diffusers gets the float64 alphas_cumprod of the same betas (see above: its float32 table alone
+    costs ~1e-4 near t = 0)."""
+    table = Schedule(kind="discrete", betas=linear_betas(1000), grid="timesteps")
+    den = Denoiser(unet, schedule=table, param=param)
+    ours = sample_dpmpp_2m(den, z1, schedule=table, num_steps=n, clip=False)
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, trained_betas=list(table.betas),
+                                        algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
+                                        timestep_spacing="trailing", prediction_type=PREDICTION_TYPE[param],
+                                        final_sigmas_type="zero", lower_order_final=True)
+    sched.alphas_cumprod = torch.cumprod(1.0 - torch.tensor(table.betas, dtype=torch.float64), 0)
+    assert (ours - diffusers_loop(unet, sched, z1, n)).abs().max().item() < TOL
