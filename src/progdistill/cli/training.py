@@ -41,8 +41,9 @@ DISTILL_FIELDS = {**{name: name for name in (
 BUDGET_HELP = ("distillation examples E (iterations x global batch) summed over all rounds, a whole number; with "
                "--teacher-examples E0 a fraction: E = F x E0. Round r gets weight w_r = 1, times "
                "--last-rounds-factor for the last two rounds, times --switch-factor for the first round when the "
-               "student's parameterisation differs from the teacher's (eps -> v); iters_r = max(1, round(E w_r / "
-               "sum(w) / batch)). Not with --iters-per-round or --round-iters")
+               "student's parameterisation differs from the teacher's (eps -> v); iters_r = floor(E w_r / sum(w) / "
+               "batch), the iterations left going to the largest remainders: never more than E in all. Not with "
+               "--iters-per-round or --round-iters")
 
 
 def train_given(a: argparse.Namespace) -> dict:

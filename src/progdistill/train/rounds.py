@@ -4,6 +4,8 @@ The target is a pure function (`two_teacher_steps`, `x_target`, `distillation_ta
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 from typing import Callable
 
@@ -69,10 +71,16 @@ def round_weights(n_rounds: int, last_rounds_factor: float, switch_factor: float
 
 def budget_iters(examples: float, batch_size: int, weights: list[float]) -> list[int]:
     """The iterations of each round under a budget of E examples (iterations x global batch, summed over the
-    rounds): iters_r = max(1, round(E w_r / sum(w) / batch)), so sum(iters_r x batch) is within one batch per
-    round of E."""
+    rounds): iters_r = floor(E w_r / sum(w) / batch) (at least 1), then the iterations left of floor(E / batch)
+    go one each to the rounds with the largest remainders (earlier rounds first on ties), so the rounds never
+    spend more than E and each is within one iteration of its exact share."""
     total = sum(weights)
-    return [max(1, int(round(examples * w / total / batch_size))) for w in weights]
+    share = [examples * w / total / batch_size for w in weights]
+    iters = [max(1, int(math.floor(q))) for q in share]
+    left = int(examples // batch_size) - sum(iters)
+    for r in sorted(range(len(share)), key=lambda r: (-(share[r] - math.floor(share[r])), r))[:max(0, left)]:
+        iters[r] += 1
+    return iters
 
 
 def plan_rounds(start_steps: int, final_steps: int, iters_per_round: int, last_rounds_factor: float,
