@@ -91,6 +91,11 @@ LEVERS = [
     ("n0-128", ["--budget", "1", "--start-steps", "128"]),
     ("switch-1", ["--budget", "1", "--switch-factor", "1"]),
     ("switch-3", ["--budget", "1", "--switch-factor", "3"]),
+    ("clip", ["--budget", "1", "--target-clip"]),
+    ("n0-64-clip", ["--budget", "1", "--start-steps", "64", "--target-clip"]),
+    ("n0-64-clip-switch-3", ["--budget", "1", "--start-steps", "64", "--target-clip", "--switch-factor", "3"]),
+    ("v-teacher", []),                      # eps teacher fine-tuned into v first (V_STEPS), no switch
+    ("v-teacher-n0-64", ["--start-steps", "64"]),
     (GRID, []),
 ]
 
@@ -367,10 +372,11 @@ def print_teacher(teacher: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ 2. distill
-def distill_run(b: Bench, run: Path, args: list[str]) -> dict:
+def distill_run(b: Bench, run: Path, args: list[str], teacher_dir: Path | None = None) -> dict:
     """`progdistill distill --teacher diffusers:T --data digits --out RUN ARGS`; its rounds and examples."""
     shutil.rmtree(run, ignore_errors=True)                          # this script's own products only
-    full = ["distill", "--teacher", f"diffusers:{b.teacher_dir}", "--data", "digits", "--out", str(run), *args]
+    full = ["distill", "--teacher", f"diffusers:{teacher_dir or b.teacher_dir}", "--data", "digits", "--out", str(run),
+            *args]
     ok, seconds = cli(full, b.log, b.threads)
     info = {"command": f"progdistill --threads {b.threads} " + " ".join(full), "args": args, "ok": ok, "seconds": seconds}
     if not ok:
@@ -475,7 +481,8 @@ def save_panels(b: Bench, cache: ScoreCache) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- 3. levers
-def run_lever(b: Bench, a, cache: ScoreCache, teacher: dict, name: str, extra: list[str], ddpm: dict | None) -> dict:
+def run_lever(b: Bench, a, cache: ScoreCache, teacher: dict, name: str, extra: list[str], ddpm: dict | None,
+              teacher_dir: Path | None = None) -> dict:
     """Distil (or reuse OUT/levers/NAME while its args are unchanged) to 4 steps; score with progdistill."""
     run = b.out / "levers" / name
     args = ["--final-steps", "4", "--teacher-examples", str(teacher["examples"]), *extra]
@@ -485,7 +492,7 @@ def run_lever(b: Bench, a, cache: ScoreCache, teacher: dict, name: str, extra: l
         print(f"lever {name}: reusing {run}")
     else:
         cache.drop(f"lever {name}")
-        info = distill_run(b, run, args)
+        info = distill_run(b, run, args, teacher_dir)
     rec = {"name": name, "args": extra, "distill": info}
     if not info.get("ok"):
         return rec
@@ -499,6 +506,45 @@ def run_lever(b: Bench, a, cache: ScoreCache, teacher: dict, name: str, extra: l
         rec["ratio"] = res["fd_feature"] / ddpm["fd_feature"]
         rec["ratio_per_seed"] = {s: res["per_seed"][s]["fd_feature"] / ddpm["per_seed"][s]["fd_feature"] for s in b.seeds}
     return rec
+
+
+V_STEPS, V_LR = 500, 2e-4    # the v-teacher lever: fine-tune steps (x batch 64 = 32,000 examples) and lr
+
+
+def v_finetune(b: Bench, teacher: dict) -> Path:
+    """The eps teacher fine-tuned into a v-prediction model on its own data (the diffusers recipe with the
+    target `scheduler.get_velocity`, constant lr V_LR, EMA as in training): separates the eps -> v switch
+    from the rest. Saved as OUT/teacher-v-pipeline (reused)."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    from progdistill.data.datasets import load_data
+    dest = b.out / "teacher-v-pipeline"
+    if (dest / "model_index.json").is_file():
+        return dest
+    x = load_data("digits", split="train").x
+    unet = DDPMPipeline.from_pretrained(b.teacher_dir).unet.train()
+    sched = DDPMScheduler(**{**SCHEDULER_CONFIG, "prediction_type": "v_prediction"})
+    opt = torch.optim.AdamW(unet.parameters(), lr=V_LR, betas=EXAMPLE["adam_betas"],
+                            weight_decay=EXAMPLE["weight_decay"], eps=EXAMPLE["adam_eps"])
+    ema = EMAModel(unet.parameters(), decay=EXAMPLE["ema_max_decay"], use_ema_warmup=True,
+                   inv_gamma=EXAMPLE["ema_inv_gamma"], power=EXAMPLE["ema_power"])
+    g, batch = torch.Generator().manual_seed(7), teacher["batch_size"]
+    for _ in range(V_STEPS):
+        clean = x[torch.randint(len(x), (batch,), generator=g)]
+        noise = torch.randn(clean.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
+        target = sched.get_velocity(clean, noise, t)
+        loss = torch.nn.functional.mse_loss(unet(sched.add_noise(clean, noise, t), t).sample, target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), EXAMPLE["grad_clip"])
+        opt.step()
+        opt.zero_grad()
+        ema.step(unet.parameters())
+    ema.copy_to(unet.parameters())
+    DDPMPipeline(unet=unet.eval(), scheduler=sched).save_pretrained(dest)
+    print(f"v-teacher: {V_STEPS} fine-tuning steps x batch {batch} into {dest}")
+    return dest
 
 
 def grid_study(b: Bench) -> dict:
@@ -535,7 +581,14 @@ def part_levers(b: Bench, a: argparse.Namespace) -> dict:
     path = b.out / "levers.json"
     done = json.loads(path.read_text()).get("levers", {}) if path.is_file() else {}
     for name in names:
-        done[name] = grid_study(b) if name == GRID else run_lever(b, a, cache, teacher, name, table[name], ddpm)
+        if name == GRID:
+            done[name] = grid_study(b)
+        elif name.startswith("v-teacher"):   # fine-tuning spends V_STEPS x batch of the budget: distil on the rest
+            rest = 1.0 - V_STEPS * teacher["batch_size"] / teacher["examples"]
+            done[name] = run_lever(b, a, cache, teacher, name, ["--budget", f"{rest:.6f}", *table[name]], ddpm,
+                                   v_finetune(b, teacher))
+        else:
+            done[name] = run_lever(b, a, cache, teacher, name, table[name], ddpm)
         path.write_text(json.dumps({"teacher": teacher, "ddpm_1000": ddpm, "levers": done}, indent=1, default=str))
     lever_table(done, ddpm)
     plot_levers(done, ddpm, b.out / "levers.png")

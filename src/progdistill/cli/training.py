@@ -36,7 +36,7 @@ TRAIN_FIELDS = {**{name: name for name in (
 DISTILL_FIELDS = {**{name: name for name in (
     "teacher", "data", "start_steps", "final_steps", "iters_per_round", "last_rounds_factor", "lr", "batch_size",
     "weighting", "student_param", "guided", "w_min", "w_max", "guided_iters", "budget", "teacher_examples",
-    "switch_factor")}, "student_ema": "ema_decay",
+    "switch_factor", "target_clip")}, "student_ema": "ema_decay",
     **RUN_FIELDS}
 BUDGET_HELP = ("distillation examples E (iterations x global batch) summed over all rounds, a whole number; with "
                "--teacher-examples E0 a fraction: E = F x E0. Round r gets weight w_r = 1, times "
@@ -164,6 +164,9 @@ def add_distill_parser(sub) -> None:
                    help="weight S of the first round when the student's parameterisation differs from the teacher's "
                         "(eps teacher -> v student), in --budget's sharing or, without it, times --iters-per-round "
                         "(default 1)")
+    s.add_argument("--target-clip", action="store_true", default=None,
+                   help="clamp the teacher's x predictions inside the distillation target to its sampling range, as "
+                        "its own image sampler does (default: unclipped, as in the paper's released code)")
     s.add_argument("--lr", type=float)
     s.add_argument("--batch-size", type=int)
     s.add_argument("--weighting", default=None, choices=WEIGHTINGS, help="default snr_trunc")

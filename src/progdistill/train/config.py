@@ -30,7 +30,7 @@ DEFAULTS = {
     "train": dict(_COMMON_DEFAULTS, data="digits", checkpoint_every=1000, class_cond=False, label_dropout=0.1,
                   normalize="standard", lr_final_frac=0.02, ema_warmup=True, schedule=DEFAULT_SCHEDULE),
     "distill": dict(_COMMON_DEFAULTS, checkpoint_every=200, final_steps=1, last_rounds_factor=1.0, ema_decay=0.0,
-                    guided=False, switch_factor=1.0),   # w_min, w_max, guided_iters: by the teacher (see distill_config.py)
+                    guided=False, switch_factor=1.0, target_clip=False),   # w_min, w_max, guided_iters: by the teacher (see distill_config.py)
 }
 
 # Flags a `--resume` may change. Session options (the time limit, DataLoader workers, torch.compile) are the
@@ -159,6 +159,7 @@ class DistillConfig:
     budget: float | None = None      # examples (iters x batch) over all rounds; x teacher_examples when that is given
     teacher_examples: int | None = None   # E0: --budget is then a fraction of E0 (the resolved plan: round_iters)
     switch_factor: float | None = None    # default 1.0: the first round's weight when the parameterisation switches
+    target_clip: bool | None = None  # default False: clamp the teacher's x predictions in the target as its sampler does
     lr: float | None = None
     batch_size: int | None = None
     weighting: str | None = None     # default snr_trunc

@@ -178,6 +178,7 @@ def distill_round(run: Run, out: Path, r: int, rounds: list[dict], *, teacher0, 
     optimizer = adamw(student_net.parameters(), lr=cfg.lr, weight_decay=0.0, settings=settings)  # fresh each round
     ema = EMA(student_net, cfg.ema_decay) if cfg.ema_decay > 0 else None                  # so is the EMA
     class_cond = num_classes(card0) > 0
+    clip_range = card0.clip_range if cfg.target_clip and card0.clip else None    # as the teacher's sampler clips
 
     def plan_idx(step: int) -> torch.Tensor:
         return distill_plan(len(data), seed=cfg.seed, round_idx=r, step=step, batch_size=cfg.batch_size,
@@ -193,7 +194,7 @@ def distill_round(run: Run, out: Path, r: int, rounds: list[dict], *, teacher0, 
 
     def loss(model, b: dict) -> torch.Tensor:
         return distillation_loss(model, teacher, b, slice(None), num_steps=n_student, schedule=card0.schedule,
-                                 weighting=cfg.weighting, class_cond=class_cond)
+                                 weighting=cfg.weighting, class_cond=class_cond, clip_range=clip_range)
 
     def wrap():
         student = prepare_denoiser(Denoiser(student_net, schedule=card0.schedule, param=student_param), settings,

@@ -160,10 +160,11 @@ def distill_batch(data: Dataset, *, seed: int, round_idx: int, step: int, batch_
 
 
 def distillation_loss(student, teacher, batch: dict, sl: slice, *, num_steps: int, schedule: Schedule,
-                      weighting: str, class_cond: bool) -> torch.Tensor:
+                      weighting: str, class_cond: bool, clip_range: float | None = None) -> torch.Tensor:
     """L = w(lambda_t) ||x~ - x_theta(z_t)||^2, z_t = alpha_t x + sigma_t eps at the student's grid point t_i (Algorithm 2).
 
-    A batch with "w" (guided stage 2) gives teacher and student the same (c, w) per example."""
+    A batch with "w" (guided stage 2) gives teacher and student the same (c, w) per example; `clip_range`
+    clamps the teacher's x predictions inside the target (`--target-clip`)."""
     x, i, eps = batch["x"][sl], batch["i"][sl], batch["eps"][sl]
     y = batch["y"][sl] if class_cond else None
     w = batch["w"][sl].float() if batch.get("w") is not None else None
@@ -173,6 +174,7 @@ def distillation_loss(student, teacher, batch: dict, sl: slice, *, num_steps: in
     logsnr_t = logsnr_64.float()
     z_t = noised(x, eps, logsnr_t)
     with torch.autocast(device_type=z_t.device.type, enabled=False):
-        target = distillation_target(teacher, z_t.float(), i=i, num_steps=num_steps, schedule=schedule, class_labels=y)
+        target = distillation_target(teacher, z_t.float(), i=i, num_steps=num_steps, schedule=schedule, class_labels=y,
+                                     clip_range=clip_range)
     x_pred = student(z_t, logsnr_64, y) if w is None else student(z_t, logsnr_64, y, w=w)
     return weighted_x_loss(target, x_pred, logsnr_t, weighting).mean()

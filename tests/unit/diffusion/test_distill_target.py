@@ -101,3 +101,26 @@ def test_plan_rounds_takes_explicit_iterations_per_round():
     assert [(r["steps"], r["iters"]) for r in rounds] == [(8, 40), (4, 30), (2, 20), (1, 10)]
     with pytest.raises(UserError, match="takes 4"):
         plan_rounds(16, 1, 100, 3.0, round_iters=[40, 30])
+
+
+def test_target_clip_clamps_the_teachers_x_predictions_as_its_sampler_does():
+    """--target-clip: both teacher x predictions inside the target are clamped to [-r, r]; unclipped by default."""
+    from progdistill.diffusion.sampling import ddim_step
+    from progdistill.diffusion.schedules import Schedule
+    from progdistill.diffusion.targets import distillation_target, x_target
+
+    s = Schedule()
+    z = torch.randn(6, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    i, n = torch.tensor([2, 3, 4, 2, 3, 4]), 4
+
+    def teacher(z_t, logsnr, labels=None):      # predicts x far outside the data range
+        return 3.0 * z_t + 2.0
+
+    t, t1, t2 = s.step_times(i, n)
+    lt, l1, l2 = (s.logsnr(v) for v in (t, t1, t2))
+    clipped = distillation_target(teacher, z, i=i, num_steps=n, schedule=s, clip_range=1.0)
+    z1 = ddim_step(z, teacher(z, lt).clamp(-1, 1), logsnr_t=lt, logsnr_s=l1)
+    z2 = ddim_step(z1, teacher(z1, l1).clamp(-1, 1), logsnr_t=l1, logsnr_s=l2)
+    torch.testing.assert_close(clipped, x_target(z, z2, logsnr_t=lt.float(), logsnr_t2=l2.float()))
+    plain = distillation_target(teacher, z, i=i, num_steps=n, schedule=s)
+    assert not torch.allclose(plain, clipped)
