@@ -91,6 +91,10 @@ LEVERS = [
     ("n0-128", ["--budget", "1", "--start-steps", "128"]),
     ("switch-1", ["--budget", "1", "--switch-factor", "1"]),
     ("switch-3", ["--budget", "1", "--switch-factor", "3"]),
+    ("budget-1-seed1", ["--budget", "1", "--seed", "1"]),   # run-to-run spread of the same recipe
+    ("budget-0.5-seed1", ["--budget", "0.5", "--seed", "1"]),
+    ("late-3", ["--budget", "1", "--last-rounds-factor", "3"]),
+    ("late-6", ["--budget", "1", "--last-rounds-factor", "6"]),
     ("clip", ["--budget", "1", "--target-clip"]),
     ("n0-64-clip", ["--budget", "1", "--start-steps", "64", "--target-clip"]),
     ("n0-64-clip-switch-3", ["--budget", "1", "--start-steps", "64", "--target-clip", "--switch-factor", "3"]),

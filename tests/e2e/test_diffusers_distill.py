@@ -49,6 +49,8 @@ def test_distil_an_imported_teacher_then_sample_and_evaluate(pipe_dir, tmp_path,
     run = json.loads((out / CARD).read_text())
     assert run["teacher_spec"] == spec and run["start_steps"] == T      # default N0 = T for T = 64
     assert [r["steps"] for r in run["rounds"]] == [32, 16]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["last_rounds_factor"] == 3.0 and [r["iters"] for r in run["rounds"]] == [6, 6]   # imported: last two 3x
     card = json.loads((out / "steps-0016" / CARD).read_text())
     assert card["format"] == 2 and card["param"] == "v"                 # eps teacher -> v student
     assert card["network"]["class_name"] == "UNet2DModel" and card["null_class"] is False

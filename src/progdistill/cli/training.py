@@ -152,7 +152,8 @@ def add_distill_parser(sub) -> None:
     s.add_argument("--final-steps", type=int, default=None, help="N1 (power of two, < N0; default 1)")
     s.add_argument("--iters-per-round", type=int)
     s.add_argument("--last-rounds-factor", type=float, default=None,
-                   help="train the last two rounds F x longer (default 1)")
+                   help="train the last two rounds F x longer (default 1; imported diffusers: teachers 3, which "
+                        "measured best on a diffusers-trained teacher: README)")
     s.add_argument("--round-iters", default=None,
                    help="iterations per round as a comma list, N0/2 first (e.g. 200,150,100,100,100,100,150,300); "
                         "overrides --iters-per-round and --last-rounds-factor")

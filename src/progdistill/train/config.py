@@ -29,7 +29,7 @@ _COMMON_DEFAULTS = dict(weighting="snr_trunc", seed=0, precision="fp32", grad_ac
 DEFAULTS = {
     "train": dict(_COMMON_DEFAULTS, data="digits", checkpoint_every=1000, class_cond=False, label_dropout=0.1,
                   normalize="standard", lr_final_frac=0.02, ema_warmup=True, schedule=DEFAULT_SCHEDULE),
-    "distill": dict(_COMMON_DEFAULTS, checkpoint_every=200, final_steps=1, last_rounds_factor=1.0, ema_decay=0.0,
+    "distill": dict(_COMMON_DEFAULTS, checkpoint_every=200, final_steps=1, ema_decay=0.0,
                     guided=False, switch_factor=1.0, target_clip=False),   # w_min, w_max, guided_iters: by the teacher (see distill_config.py)
 }
 
@@ -154,7 +154,7 @@ class DistillConfig:
     start_steps: int | None = None
     final_steps: int | None = None   # default 1
     iters_per_round: int | None = None
-    last_rounds_factor: float | None = None   # default 1.0
+    last_rounds_factor: float | None = None   # default 1.0; imported teachers 3.0 (distill_config.py)
     round_iters: list[int] | None = None   # explicit iterations per round (N0/2 first); overrides the two above
     budget: float | None = None      # examples (iters x batch) over all rounds; x teacher_examples when that is given
     teacher_examples: int | None = None   # E0: --budget is then a fraction of E0 (the resolved plan: round_iters)

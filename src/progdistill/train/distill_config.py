@@ -77,6 +77,11 @@ def resolve_guidance(cfg: DistillConfig, card: ModelCard, asked: DistillConfig, 
 # Imported teachers have no preset: the digits preset's distillation settings serve small (CPU-sized)
 # networks, the paper's lr 1e-4 (docs/method.md §6) larger ones; --lr / --iters-per-round / --batch-size override.
 IMPORTED_SMALL_PARAMS = 10_000_000
+# Imported teachers' last two rounds get 3x the iterations (or of a --budget's share): measured on the diffusers-
+# trained digits teacher at the teacher's budget (benchmarks/diffusers_teacher.py --part levers, README), the
+# 4-step student's FD was 1.71x the teacher's DDPM-1000 against 2.1-2.4x with equal rounds; shifting weight to
+# the first (eps -> v) round or starting from N0 = 64 made it worse (3.6x, 3.8x).
+IMPORTED_LAST_ROUNDS_FACTOR = 3.0
 
 
 def resolve_config(cfg: DistillConfig, teacher_card: ModelCard, teacher_run: str, teacher_params: int) -> DistillConfig:
@@ -88,7 +93,7 @@ def resolve_config(cfg: DistillConfig, teacher_card: ModelCard, teacher_run: str
         small = get_preset("digits")
         fill = dict(start_steps=default_start_steps(teacher_card.schedule), iters_per_round=small.distill_iters_per_round,
                     lr=small.distill_lr if teacher_params <= IMPORTED_SMALL_PARAMS else 1e-4, batch_size=64,
-                    hflip=False)
+                    hflip=False, last_rounds_factor=IMPORTED_LAST_ROUNDS_FACTOR)
     else:
         kind = teacher_card.model.kind if teacher_card.model is not None else "unet"
         preset = get_preset((teacher_card.provenance or {}).get("preset") or ("digits" if kind == "unet" else "mlp"))
@@ -97,7 +102,8 @@ def resolve_config(cfg: DistillConfig, teacher_card: ModelCard, teacher_run: str
             run = read_json(Path(teacher_run) / "config.json")
             batch, hflip = run.get("batch_size") or batch, run.get("hflip", hflip)   # flips as the teacher trained
         fill = dict(start_steps=preset.distill_start_steps, iters_per_round=preset.distill_iters_per_round,
-                    lr=preset.distill_lr, batch_size=batch, data=teacher_card.data["spec"], hflip=bool(hflip))
+                    lr=preset.distill_lr, batch_size=batch, data=teacher_card.data["spec"], hflip=bool(hflip),
+                    last_rounds_factor=1.0)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in fill.items() if getattr(cfg, k) is None})
     return cfg.validate()
 

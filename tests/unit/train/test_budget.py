@@ -16,7 +16,7 @@ from progdistill.train.rounds import budget_iters, plan_rounds, round_weights
 
 def _cfg(**kw) -> DistillConfig:
     base = dict(teacher="T", data="toy:gmm", start_steps=256, final_steps=1, lr=1e-3, batch_size=64,
-                iters_per_round=100)
+                iters_per_round=100, last_rounds_factor=1.0)   # (resolve_config fills it from the teacher)
     return with_defaults(DistillConfig(**{**base, **kw}), "distill").validate()
 
 
