@@ -148,7 +148,8 @@ def add_distill_parser(sub) -> None:
     s.add_argument("--out", required=True, help="distillation run folder")
     s.add_argument("--data", default=None, help="data to draw x from (default: the teacher's; required for diffusers:)")
     s.add_argument("--start-steps", type=int, help="N0, the teacher's DDIM steps (power of two; default: the preset's, "
-                   "or for an imported T-step teacher the largest power of two <= T, e.g. 512 for T = 1000)")
+                   "or for an imported T-step teacher the largest power of two <= T, e.g. 512 for T = 1000: on a "
+                   "diffusers-trained teacher it measured far better than 64, README)")
     s.add_argument("--final-steps", type=int, default=None, help="N1 (power of two, < N0; default 1)")
     s.add_argument("--iters-per-round", type=int)
     s.add_argument("--last-rounds-factor", type=float, default=None,
