@@ -75,10 +75,12 @@ def cmd_train(a: argparse.Namespace) -> None:
         from progdistill.data.images import save_samples
         from progdistill.pipeline import load
         from progdistill.train.config import TrainConfig
-        from progdistill.train.loop import init_distributed
+        from progdistill.train.loop import finish_distributed, init_distributed
         from progdistill.train.teacher import train
     out = train(TrainConfig(**given), a.out, resume=bool(a.resume), progress=not a.no_progress)
-    if init_distributed().is_main and (Path(out) / "ema").is_dir():
+    is_main = init_distributed().is_main
+    finish_distributed()                 # every rank leaves together; rank 0 then samples alone
+    if is_main and (Path(out) / "ema").is_dir():
         model = load(out, compile=a.compile)
         x = model.sample(num=100, steps=sample_steps, seed=value(a.seed, 0), progress=not a.no_progress)
         path = save_samples(x, Path(out) / f"samples-ddim{sample_steps}.png", title=f"teacher, DDIM {sample_steps}",
@@ -92,7 +94,9 @@ def cmd_distill(a: argparse.Namespace) -> None:
     with needs("distill"):
         from progdistill.train.config import DistillConfig
         from progdistill.train.distill import distill
+        from progdistill.train.loop import finish_distributed
     out = distill(DistillConfig(**given), a.out, resume=bool(a.resume), progress=not a.no_progress)
+    finish_distributed()
     print(f"distillation run: {out}")
 
 

@@ -62,6 +62,14 @@ def init_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), device)
 
 
+def finish_distributed() -> None:
+    """End this process's part of a torchrun job: a barrier, then the process group torn down, so that no
+    rank exits while a peer still holds its connection (gloo aborts a process that exits with a live group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def local_slice(global_batch: int, dist_info: DistInfo, grad_accum: int, micro: int) -> slice:
     """This process's part of micro-batch `micro` of a global batch."""
     parts = dist_info.world * grad_accum
